@@ -1,0 +1,3 @@
+from pdmix.cli import main
+
+raise SystemExit(main())

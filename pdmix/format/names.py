@@ -1,0 +1,34 @@
+"""File and tensor names of a W8A8_MIX directory (SPEC §2-§3)."""
+
+WEIGHT_FILE = "quant_model_weight_w8a8_mix.safetensors"
+INDEX_FILE = WEIGHT_FILE + ".index.json"
+SHARD_TEMPLATE = "quant_model_weight_w8a8_mix-{i:05d}-of-{n:05d}.safetensors"
+DESCRIPTION_FILE = "quant_model_description.json"
+
+QUANT_TYPE = "W8A8_MIX"
+LEGACY_QUANT_TYPES = ("W8A8",)  # older writers label the same tensors "W8A8"
+FLOAT = "FLOAT"
+VERSION = "1.0.0"
+
+# The seven tensors of one quantized linear, in the order msModelSlim writes them.
+QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias")
+
+# Linear layers of one decoder layer, by HF name, and how TP shards them (SPEC §8).
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+# Linears that read the same input share static activation parameters and roll back together (SPEC §7).
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def linear_prefix(layer: int, name: str) -> str:
+    """HF name of a decoder-layer linear, e.g. model.layers.3.self_attn.q_proj."""
+    block = "self_attn" if name in ATTN_LINEARS else "mlp"
+    return f"model.layers.{layer}.{block}.{name}"
+
+
+def split_tensor_name(name: str) -> tuple[str, str]:
+    """'a.b.q_proj.weight_scale' -> ('a.b.q_proj', 'weight_scale')."""
+    prefix, _, suffix = name.rpartition(".")
+    return prefix, suffix

@@ -1,0 +1,1 @@
+"""Layer definitions shared by the quantizer's calibration and the runtime (Llama, Qwen2, Qwen3)."""

@@ -1,0 +1,134 @@
+"""One decoder layer of Llama / Qwen2 / Qwen3, written out (gpt-fast style).
+
+Module names mirror Hugging Face's (`self_attn.q_proj`, `mlp.down_proj`, ...), so checkpoint
+tensor names map onto them directly. Linears are any module with `forward(x, split)`: float ones
+for the float model and calibration, W8A8_MIX ones for the quantized runtime. Attention itself is
+passed in (`attn(layer_idx, q, k, v)`), so the same layer runs over a paged KV cache in the runtime
+and over one contiguous sequence during calibration.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdmix.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's RMSNorm, plus the optional bias that outlier suppression leaves (SPEC §6)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.float32), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = self.weight * x32.to(dtype)
+        if self.bias is not None:
+            y = (y.to(torch.float32) + self.bias).to(dtype)
+        return y
+
+
+class Rotary:
+    """cos/sin tables for rotary position embedding; non-default rope types come from transformers."""
+
+    def __init__(self, cfg: ModelConfig, device="cpu"):
+        rp = dict(cfg.raw.get("rope_parameters") or cfg.raw.get("rope_scaling") or {})
+        rope_type = rp.get("rope_type", rp.get("type", "default"))
+        theta = rp.get("rope_theta", cfg.raw.get("rope_theta", 10000.0))
+        self.scaling = 1.0
+        if rope_type == "default":
+            self.inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            inv, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg.hf_config(), device)
+            self.inv_freq = inv.to(torch.float32)
+        self.dtype = cfg.dtype
+
+    def to(self, device):
+        self.inv_freq = self.inv_freq.to(device)
+        return self
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.scaling).to(self.dtype), (emb.sin() * self.scaling).to(self.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over one contiguous sequence: q [T,H,D], k/v [T,KV,D] -> [T,H,D]."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       is_causal=True, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 linears: dict[str, nn.Module], q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (linears[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def forward(self, x, cos, sin, attn, split=None):
+        t = x.shape[0]
+        q = self.q_proj(x, split).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, split).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, split).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attn(self.layer_idx, q, k, v)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim), split)
+
+
+class MLP(nn.Module):
+    def __init__(self, linears: dict[str, nn.Module]):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (linears[n] for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(self, x, split=None):
+        return self.down_proj(F.silu(self.gate_proj(x, split)) * self.up_proj(x, split), split)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, linears: dict[str, nn.Module], norms: dict[str, RMSNorm],
+                 tp_size: int = 1):
+        super().__init__()
+        self.input_layernorm = norms["input_layernorm"]
+        self.post_attention_layernorm = norms["post_attention_layernorm"]
+        self.self_attn = Attention(layer_idx, cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size, cfg.head_dim,
+                                   linears, norms.get("q_norm"), norms.get("k_norm"))
+        self.mlp = MLP(linears)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, split=None) -> torch.Tensor:
+        """x [T, hidden]: the rows of all sequences of a step, flattened."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, split)
+        return h + self.mlp(self.post_attention_layernorm(h), split)
+
+
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
+QK_NORM_NAMES = ("self_attn.q_norm", "self_attn.k_norm")
+
+
+def layer_norms(cfg: ModelConfig, layer_idx: int, get, has) -> dict[str, RMSNorm]:
+    """The RMSNorms of a decoder layer from tensors `get(name)`, with any bias present (SPEC §6)."""
+    norms = {}
+    names = NORM_NAMES + (QK_NORM_NAMES if cfg.qk_norm else ())
+    for n in names:
+        p = f"model.layers.{layer_idx}.{n}"
+        bias = get(p + ".bias") if has(p + ".bias") else None
+        norms[n.rpartition(".")[2]] = RMSNorm(get(p + ".weight"), cfg.rms_norm_eps, bias)
+    return norms

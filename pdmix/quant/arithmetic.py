@@ -1,0 +1,69 @@
+"""SPEC §4: how the quantizer turns a float linear plus observed activation ranges into the seven
+tensors of a W8A8_MIX linear. Arithmetic is in the model dtype (bf16 or fp16) unless noted, as
+msModelSlim does it, so that the output matches its files bit for bit."""
+
+from dataclasses import dataclass
+
+import torch
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass
+class QuantizedLinear:
+    weight: torch.Tensor         # int8 [n, k]
+    weight_scale: torch.Tensor   # dtype [n, 1]
+    weight_offset: torch.Tensor  # dtype [n, 1], zeros
+    input_scale: torch.Tensor    # dtype [1]
+    input_offset: torch.Tensor   # dtype [1], integer valued
+    deq_scale: torch.Tensor      # fp32 [n] (int64 fp32 bits for an fp16 model)
+    quant_bias: torch.Tensor     # int32 [n]
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": v for k, v in self.__dict__.items()}
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (weight int8 [n,k], weight_scale [n,1] in w.dtype)."""
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=FP32_EPS)
+    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)  # torch.round is half-to-even
+    return q, scale
+
+
+def static_activation_params(mins: torch.Tensor, maxs: torch.Tensor, dtype: torch.dtype):
+    """(input_scale [1], input_offset [1]) from the per-forward minima and maxima of a linear's input."""
+    mn = mins.to(dtype).mean().clamp(max=0)
+    mx = maxs.to(dtype).mean().clamp(min=0)
+    scale = ((mx - mn) / 255).clamp(min=FP32_EPS)
+    offset = -128 - torch.round(mn / scale)
+    return scale.reshape(1), offset.reshape(1)
+
+
+def encode_deq_scale(deq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 deq_scale as stored: fp32 for bf16 models, int64 holding the fp32 bits for fp16 ones."""
+    if dtype == torch.float16:
+        return deq.view(torch.int32).to(torch.int64)
+    return deq
+
+
+def decode_deq_scale(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of encode_deq_scale (accepts either storage)."""
+    if stored.dtype == torch.int64:
+        return stored.to(torch.int32).view(torch.float32)
+    return stored.to(torch.float32)
+
+
+def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                    input_offset: torch.Tensor) -> QuantizedLinear:
+    """The seven tensors of SPEC §3 for float weight w [n,k] (model dtype) and optional bias [n]."""
+    dtype = w.dtype
+    q, ws = quantize_weight(w)
+    deq = (input_scale * ws).reshape(-1).to(torch.float32)
+    b32 = torch.zeros(w.shape[0], dtype=torch.float32) if bias is None else bias.to(dtype).to(torch.float32)
+    wsum = q.to(torch.int64).sum(dim=1).to(torch.float32)
+    qbias = torch.round(b32 / deq - wsum * input_offset.to(torch.float32)).to(torch.int32)
+    return QuantizedLinear(
+        weight=q, weight_scale=ws, weight_offset=torch.zeros_like(ws),
+        input_scale=input_scale.to(dtype), input_offset=input_offset.to(dtype),
+        deq_scale=encode_deq_scale(deq, dtype), quant_bias=qbias,
+    )

@@ -79,6 +79,10 @@ class SafetensorsFolder:
                 raise PdmixError(f"{path}: not a valid safetensors file ({e})") from None
         return self._handles[path]
 
+    def release(self) -> None:
+        """Close the memory maps, so the pages read so far stop counting against this process."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return list(self._where)
 
@@ -96,6 +100,11 @@ class SafetensorsFolder:
             return self._open(path).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise PdmixError(f"{path}: cannot read tensor {name} ({e})") from None
+
+    def get_rows(self, name: str, rows: list[int]) -> dict[int, torch.Tensor]:
+        """Selected rows [1, ...] of a tensor (embedding lookups), reading only those rows."""
+        sl = self._open(self._where[name]).get_slice(name)
+        return {r: sl[r:r + 1] for r in rows}
 
     def meta(self, name: str) -> tuple[str, list[int]]:
         """(safetensors dtype string such as 'BF16', shape) without reading the data."""

@@ -24,6 +24,14 @@ _ST_DTYPE = {
 }
 
 
+_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+
+
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    """safetensors dtype string ('BF16') -> torch dtype."""
+    return _TORCH_DTYPE[st_dtype]
+
+
 def _nbytes(dtype: torch.dtype, shape) -> int:
     n = 1
     for d in shape:
@@ -71,6 +79,11 @@ class CheckpointWriter:
             self.entries.append((name, t.dtype, list(t.shape), path))
             self.types[name] = types[name]
 
+    def add_from_file(self, name: str, st_dtype: str, shape: list[int], path: Path, kind: str) -> None:
+        """Copy a tensor unchanged from an existing safetensors file (embeddings, say) at finish time."""
+        self.entries.append((name, torch_dtype(st_dtype), list(shape), Path(path)))
+        self.types[name] = kind
+
     def _plan_shards(self) -> list[list[int]]:
         shards, current, size = [], [], 0
         for i, (_, dtype, shape, _) in enumerate(self.entries):
@@ -86,13 +99,15 @@ class CheckpointWriter:
 
     def finish(self) -> list[str]:
         """Lay out the shards, the index (when more than one) and the description; returns file names."""
-        handles = {}
+        where = {e[0]: e[3] for e in self.entries}
+        current = {}  # one open file at a time: its mapped pages stop counting once it is closed
 
-        def fetch(name, where={e[0]: e[3] for e in self.entries}):
+        def fetch(name):
             path = where[name]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt")
-            return handles[path].get_tensor(name)
+            if path not in current:
+                current.clear()
+                current[path] = safe_open(str(path), framework="pt")
+            return current[path].get_tensor(name)
 
         shards = self._plan_shards()
         names = [WEIGHT_FILE] if len(shards) == 1 else [
@@ -108,7 +123,7 @@ class CheckpointWriter:
             with open(self.out_dir / INDEX_FILE, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
                 f.write("\n")
-        handles.clear()
+        current.clear()
         for p in self.spill_dir.iterdir():
             p.unlink()
         self.spill_dir.rmdir()

@@ -64,6 +64,6 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: tor
     qbias = torch.round(b32 / deq - wsum * input_offset.to(torch.float32)).to(torch.int32)
     return QuantizedLinear(
         weight=q, weight_scale=ws, weight_offset=torch.zeros_like(ws),
-        input_scale=input_scale.to(dtype), input_offset=input_offset.to(dtype),
+        input_scale=input_scale.to(dtype).clone(), input_offset=input_offset.to(dtype).clone(),
         deq_scale=encode_deq_scale(deq, dtype), quant_bias=qbias,
     )

@@ -3,6 +3,7 @@ calibration forward and turns what it saw into (input_scale, input_offset) per S
 
 import torch
 
+from pdmix.kernels.reference import quantize_static
 from pdmix.quant.arithmetic import static_activation_params
 
 
@@ -13,15 +14,82 @@ class MinMaxObserver:
         self.mins: list[torch.Tensor] = []
         self.maxs: list[torch.Tensor] = []
 
+    def forward_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.min(), x.max()
+
     def update(self, x: torch.Tensor) -> None:
-        self.mins.append(x.min().reshape(()))
-        self.maxs.append(x.max().reshape(()))
+        mn, mx = self.forward_range(x)
+        self.mins.append(mn.reshape(()))
+        self.maxs.append(mx.reshape(()))
 
     def params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return static_activation_params(torch.stack(self.mins), torch.stack(self.maxs), dtype)
 
 
-OBSERVERS = {"minmax": MinMaxObserver}
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy's default ('linear') quantile of all of x, by selection: torch.quantile refuses > 2^24 values."""
+    x = x.reshape(-1).to(torch.float32)
+    h = (x.numel() - 1) * q
+    lo = int(h)
+    a = torch.kthvalue(x, lo + 1).values
+    if lo + 1 >= x.numel():
+        return a
+    return a + (h - lo) * (torch.kthvalue(x, lo + 2).values - a)
+
+
+class PercentileObserver(MinMaxObserver):
+    """Like minmax, with each forward's min and max replaced by its q and 1-q quantiles."""
+
+    def __init__(self, q: float = 1e-4):
+        super().__init__()
+        self.q = q
+
+    def forward_range(self, x):
+        return quantile(x, self.q), quantile(x, 1 - self.q)
+
+
+def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x quantized as the static path does (SPEC §5) and dequantized, fp32."""
+    return (quantize_static(x, scale, offset).to(torch.float32) - offset.float()) * scale.float()
+
+
+class MSEObserver(MinMaxObserver):
+    """The minmax range shrunk by the factor c in GRID that minimises the mean squared static
+    fake-quant error over the calibration activations.
+
+    Memory is bounded: each forward keeps at most `max_samples` of its values (a random sample,
+    plus its exact min and max) besides its min and max.
+    """
+
+    GRID = tuple(i / 100 for i in range(100, 0, -1))  # c = 1.00, 0.99, ..., 0.01; ties go to the larger c
+
+    def __init__(self, max_samples: int = 32768, seed: int = 0):
+        super().__init__()
+        self.max_samples = max_samples
+        self.samples: list[torch.Tensor] = []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, x):
+        super().update(x)
+        flat = x.reshape(-1)
+        if flat.numel() > self.max_samples:
+            idx = torch.randint(flat.numel(), (self.max_samples,), generator=self.gen)
+            flat = torch.cat([flat[idx], self.mins[-1].reshape(1), self.maxs[-1].reshape(1)])
+        self.samples.append(flat.to(torch.float32))
+
+    def params(self, dtype):
+        x = torch.cat(self.samples)
+        mins, maxs = torch.stack(self.mins), torch.stack(self.maxs)
+        best, best_err = None, float("inf")
+        for c in self.GRID:
+            scale, offset = static_activation_params(mins * c, maxs * c, dtype)
+            err = (fake_quant_static(x, scale, offset) - x).pow(2).mean().item()
+            if err < best_err:
+                best, best_err = (scale, offset), err
+        return best
+
+
+OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver}
 
 
 def make_observer(name: str):

@@ -1,0 +1,51 @@
+"""Calibration prompts: a jsonl file (msModelSlim's `inputs_pretokenized` field, or `text`), or the
+set shipped with pdmix. Each prompt is tokenized alone: calibration runs batch 1, no padding."""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from pdmix.errors import PdmixError
+
+FIELDS = ("inputs_pretokenized", "text")
+
+
+def default_calib_file() -> Path:
+    return Path(str(resources.files("pdmix.quant") / "data" / "calib_default.jsonl"))
+
+
+def read_prompts(path: str | Path | None, max_samples: int) -> list[str]:
+    path = Path(path) if path else default_calib_file()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PdmixError(f"--calib_file {path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise PdmixError(f"--calib_file {path}: cannot read ({e.__class__.__name__})") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise PdmixError(f"--calib_file {path}: line {n} is not valid JSON") from None
+        text = next((row[f] for f in FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+        if text is None:
+            raise PdmixError(f"--calib_file {path}: line {n} has no string field {' or '.join(FIELDS)}")
+        if text.strip():
+            prompts.append(text)
+    if not prompts:
+        raise PdmixError(f"--calib_file {path}: no calibration prompts")
+    return prompts[:max_samples]
+
+
+def tokenize(tokenizer, prompts: list[str], max_len: int) -> list[torch.Tensor]:
+    ids = []
+    for p in prompts:
+        t = tokenizer(p, add_special_tokens=True)["input_ids"][:max_len]
+        if t:
+            ids.append(torch.tensor(t, dtype=torch.long))
+    return ids

@@ -1,0 +1,56 @@
+"""Quantization settings (torchao-style dataclass) and the named recipes that `--model_type` selects."""
+
+import re
+from dataclasses import dataclass, field, fields, replace
+
+from pdmix.errors import PdmixError
+
+
+@dataclass
+class QuantConfig:
+    anti_method: str = "none"       # outlier suppression: none | smooth | m4
+    alpha: float = 0.5              # smoothing strength
+    observer: str = "minmax"        # static activation range: minmax | percentile | mse
+    disable_level: str = "L0"       # Ln: keep the n most sensitive linears float; auto:<pct> by budget
+    disable_names: tuple[str, ...] = ()
+    calib_file: str | None = None   # jsonl; None = the calibration set shipped with pdmix
+    calib_max_samples: int = 48
+    calib_max_len: int = 512
+    part_file_size: float = 4.0     # GB per output shard
+    device: str = "cpu"
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def rollback_count(self) -> int | None:
+        """n of 'Ln', or None for a budget ('auto:<pct>')."""
+        m = re.fullmatch(r"[Ll](\d+)", self.disable_level)
+        if m:
+            return int(m.group(1))
+        if re.fullmatch(r"auto:\d+(\.\d+)?", self.disable_level):
+            return None
+        raise PdmixError(f"--disable_level {self.disable_level}: expected L0..Ln or auto:<pct>")
+
+
+# msModelSlim's recipe for the seed (SPEC §9): m4 smoothing, alpha 0.5, 10 linears rolled back.
+RECIPES = {
+    "default": {},
+    "Qwen3-14B": dict(anti_method="m4", alpha=0.5, disable_level="L10", calib_max_samples=48),
+}
+
+
+def recipe(model_type: str | None) -> tuple[dict, bool]:
+    """(recipe settings, known?) for a --model_type; unknown types get the default recipe."""
+    if model_type is None:
+        return RECIPES["default"], True
+    for name, settings in RECIPES.items():
+        if name.lower() == model_type.lower():
+            return settings, True
+    return RECIPES["default"], False
+
+
+def make_config(model_type: str | None, overrides: dict) -> tuple[QuantConfig, bool]:
+    """The recipe of model_type with explicitly given flags on top (None = not given)."""
+    settings, known = recipe(model_type)
+    names = {f.name for f in fields(QuantConfig)}
+    given = {k: v for k, v in overrides.items() if v is not None and k in names}
+    return replace(QuantConfig(), **{**settings, **given}), known

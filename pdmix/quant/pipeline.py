@@ -1,0 +1,293 @@
+"""Float Hugging Face checkpoint -> W8A8_MIX checkpoint, one decoder layer at a time.
+
+Weights stream from the source safetensors a layer at a time; the calibration hidden states are
+carried from layer to layer. Layers already done are quantized (their outputs are what the next
+layer is calibrated on, as msModelSlim does), while the current layer is observed in float.
+Peak memory is one layer, the calibration activations and the write buffers, never the model.
+
+With outlier suppression or score-based rollback, a float analysis pass runs first: it collects
+per-channel statistics, smooths each layer, and scores every linear's sensitivity.
+"""
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pdmix.atomic import atomic_dir, check_target
+from pdmix.errors import PdmixError
+from pdmix.format.names import FLOAT, INPUT_GROUPS, QUANT_TYPE, linear_prefix
+from pdmix.format.reader import SafetensorsFolder
+from pdmix.format.writer import CheckpointWriter
+from pdmix.models.config import ModelConfig, load_config
+from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
+from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
+from pdmix.quant import calib, rollback
+from pdmix.quant.anti_outlier import GROUPS, METHODS, ChannelStats, anti_outlier
+from pdmix.quant.arithmetic import quantize_linear
+from pdmix.quant.config import QuantConfig
+from pdmix.quant.observer import OBSERVERS, make_observer
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GROUP_NAME = {g: name for name, g in GROUPS.items()}  # ("q_proj","k_proj","v_proj") -> "qkv"
+# Files of the source folder that describe weights; everything else (config, tokenizer, ...) is copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "npu":
+        raise PdmixError("--device npu: Ascend NPUs are not supported by pdmix; use --device cpu or cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PdmixError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise PdmixError(f"--device {name}: expected cpu, cuda or auto")
+    return torch.device(name)
+
+
+class Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[pdmix quant] {msg}", file=sys.stderr, flush=True)
+
+    def bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="layer", disable=self.quiet, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- source checks and layer building
+
+def layer_names(cfg: ModelConfig, i: int) -> list[str]:
+    names = [f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")]
+    names += [linear_prefix(i, n) + ".weight" for n in LINEARS]
+    if cfg.qk_norm:
+        names += [f"model.layers.{i}.self_attn.{n}.weight" for n in ("q_norm", "k_norm")]
+    return names
+
+
+def check_source(cfg: ModelConfig, st: SafetensorsFolder) -> None:
+    """Every tensor the model needs is there, in the config's dtype, before any work starts."""
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        required.append("lm_head.weight")
+    for i in range(cfg.num_layers):
+        required += layer_names(cfg, i)
+    for name in required:
+        if name not in st:
+            raise PdmixError(f"{st.folder}: tensor {name} missing")
+    expected = {torch.bfloat16: "BF16", torch.float16: "F16"}[cfg.dtype]
+    for name in st.names():
+        dtype, _ = st.meta(name)
+        if dtype != expected:
+            raise PdmixError(f"{st.file_of(name)}: tensor {name} is {dtype}, expected {expected} "
+                             f"(config.json dtype); pdmix quantizes bf16 and fp16 models")
+
+
+def load_layer(st: SafetensorsFolder, i: int) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{i}."
+    return {n: st.get(n) for n in st.names() if n.startswith(prefix)}
+
+
+def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized: dict | None = None,
+                device=None) -> DecoderLayer:
+    """A decoder layer from float tensors; linears named in `quantized` become W8A8_MIX."""
+    linears = {}
+    for n in LINEARS:
+        p = linear_prefix(i, n)
+        if quantized and p in quantized:
+            linears[n] = W8A8MixLinear({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p)
+        else:
+            linears[n] = FloatLinear(t[p + ".weight"], t.get(p + ".bias"))
+    layer = DecoderLayer(cfg, i, linears, layer_norms(cfg, i, t.__getitem__, t.__contains__))
+    return layer.to(device) if device is not None else layer
+
+
+def observe_inputs(layer: DecoderLayer, on_input):
+    """Call on_input(group, x) with the input of each linear group on every forward; returns hook handles."""
+    handles = []
+    for group in INPUT_GROUPS:
+        first = group[0]
+        module = layer.self_attn if first in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        lin = getattr(module, first)
+        handles.append(lin.register_forward_pre_hook(lambda m, args, g=group: on_input(g, args[0])))
+    return handles
+
+
+class Calibration:
+    """The calibration hidden states of every prompt, carried through the layers."""
+
+    def __init__(self, cfg: ModelConfig, st: SafetensorsFolder, ids: list[torch.Tensor], device):
+        self.cfg, self.st, self.ids, self.device = cfg, st, ids, device
+        self.rotary = Rotary(cfg, device)
+        self.cos, self.sin = self.rotary(torch.arange(max(len(t) for t in ids), device=device))
+        self.reset()
+
+    def reset(self) -> None:
+        """Hidden states = embeddings, read row by row so the table itself never sits in memory."""
+        table = self.st.get_rows("model.embed_tokens.weight", torch.cat(self.ids).unique().tolist())
+        self.hidden = [torch.cat([table[int(t)] for t in seq]).to(self.device) for seq in self.ids]
+        self.st.release()
+
+    @torch.no_grad()
+    def run(self, layer: DecoderLayer, split: RowSplit | None = None, keep: bool = True) -> None:
+        """Forward every prompt through `layer`; keep=True replaces the hidden states by its outputs."""
+        out = []
+        for h in self.hidden:
+            n = h.shape[0]
+            out.append(layer(h, self.cos[:n], self.sin[:n], lambda _, q, k, v: causal_attention(q, k, v), split))
+        if keep:
+            self.hidden = out
+
+
+# ---------------------------------------------------------------- the passes
+
+def analysis_pass(cfg, st, cal: Calibration, config: QuantConfig, spill: Path, log: Log):
+    """Float pass: smooth each layer (spilled to disk) and score each linear group's sensitivity."""
+    from safetensors.torch import save_file
+    scores = {}
+    with log.bar(cfg.num_layers, "analyse") as bar:
+        for i in range(cfg.num_layers):
+            t = load_layer(st, i)
+            if config.anti_method != "none":
+                stats = {}
+                layer = build_layer(cfg, i, t, device=cal.device)
+                hooks = observe_inputs(layer, lambda g, x: stats.setdefault(
+                    GROUP_NAME[g], ChannelStats.empty(x.shape[-1])).update(x.cpu()))
+                cal.run(layer, keep=False)
+                for h in hooks:
+                    h.remove()
+                t = anti_outlier(config.anti_method, cfg, i, t, stats, config.alpha)
+                save_file({k: v.contiguous() for k, v in t.items()}, str(spill / f"layer{i:05d}.safetensors"))
+            inputs = {g: rollback.InputStats() for g in INPUT_GROUPS}
+            layer = build_layer(cfg, i, t, device=cal.device)
+            hooks = observe_inputs(layer, lambda g, x: inputs[g].update(x))
+            cal.run(layer)
+            for h in hooks:
+                h.remove()
+            scores.update({(i, g): s.score() for g, s in inputs.items()})
+            st.release()
+            bar.update()
+    return scores
+
+
+def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears: set[str], spill: Path | None,
+                  writer: CheckpointWriter, log: Log) -> None:
+    from safetensors.torch import load_file
+    with log.bar(cfg.num_layers, "quantize") as bar:
+        for i in range(cfg.num_layers):
+            source = load_layer(st, i)
+            t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else source
+            observers = {g: make_observer(config.observer) for g in INPUT_GROUPS}
+            layer = build_layer(cfg, i, t, device=cal.device)
+            hooks = observe_inputs(layer, lambda g, x: observers[g].update(x))
+            cal.run(layer, keep=False)
+            for h in hooks:
+                h.remove()
+            out, types, quantized = {}, {}, {}
+            for group in INPUT_GROUPS:
+                scale, offset = observers[group].params(cfg.dtype)
+                for n in group:
+                    p = linear_prefix(i, n)
+                    w, b = t[p + ".weight"], t.get(p + ".bias")
+                    if p in float_linears:
+                        out[p + ".weight"] = w
+                        if b is not None:
+                            out[p + ".bias"] = b
+                        continue
+                    q = quantize_linear(w, b, scale, offset).tensors(p)
+                    quantized[p] = q
+                    out.update(q)
+                    types.update(dict.fromkeys(q, QUANT_TYPE))
+                    if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
+                        out[p + ".bias"] = b
+            for name, v in t.items():
+                if name.rpartition(".")[0].rpartition(".")[2] not in LINEARS:
+                    out[name] = v  # norms, their SPEC §6 biases
+            types.update({k: FLOAT for k in out if k not in types})
+            writer.add(out, types)
+            cal.run(build_layer(cfg, i, t, quantized, device=cal.device), RowSplit(0, "static"))
+            st.release()
+            bar.update()
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """config.json, generation_config.json, tokenizer and chat-template files, unchanged."""
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in SKIP_FILES:
+            shutil.copy2(f, dst / f.name)
+
+
+def choose_float_linears(cfg, config: QuantConfig, scores, log: Log) -> set[str]:
+    by_name = rollback.expand_names(config.disable_names, cfg.num_layers)
+    for p in sorted(by_name):
+        log(f"rollback {p} (--disable_names)")
+    top = rollback.most_sensitive(scores, config.rollback_count() or 0)
+    for p, s in top:
+        log(f"rollback {p} (max|x|/std {s:.1f})")
+    return by_name | {p for p, _ in top}
+
+
+def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig, overwrite: bool = False) -> Path:
+    """Quantize the float model at model_path into a W8A8_MIX checkpoint at save_path."""
+    log = Log(config.quiet)
+    t0 = time.time()
+    model_path = Path(model_path)
+    check_target(Path(save_path), overwrite)
+    device = resolve_device(config.device)
+    cfg = load_config(model_path)
+    if config.anti_method not in METHODS:
+        raise PdmixError(f"--anti_method {config.anti_method}: expected one of {', '.join(METHODS)}")
+    if config.observer not in OBSERVERS:
+        raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
+    n_rollback = config.rollback_count()
+    if n_rollback is None:
+        raise PdmixError(f"--disable_level {config.disable_level}: the auto budget is not available yet; use Ln")
+    st = SafetensorsFolder(model_path, quantized=False)
+    check_source(cfg, st)
+    rollback.expand_names(config.disable_names, cfg.num_layers)
+    prompts = calib.read_prompts(config.calib_file, config.calib_max_samples)
+    tokenizer = load_tokenizer(model_path)
+    ids = calib.tokenize(tokenizer, prompts, config.calib_max_len)
+    log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
+        f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
+        f"rollback {config.disable_level}; device {device}")
+
+    with atomic_dir(save_path, overwrite) as out:
+        cal = Calibration(cfg, st, ids, device)
+        spill, scores = None, {}
+        if config.anti_method != "none" or n_rollback:
+            spill = out / ".smoothed" if config.anti_method != "none" else None
+            if spill:
+                spill.mkdir()
+            scores = analysis_pass(cfg, st, cal, config, spill or out, log)
+            cal.reset()
+        float_linears = choose_float_linears(cfg, config, scores, log)
+        writer = CheckpointWriter(out, config.part_file_size)
+        quantize_pass(cfg, st, cal, config, float_linears, spill, writer, log)
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            if name in st:
+                dtype, shape = st.meta(name)
+                writer.add_from_file(name, dtype, shape, st.file_of(name), FLOAT)
+        files = writer.finish()
+        if spill:
+            shutil.rmtree(spill)
+        copy_side_files(model_path, out)
+    n_quant = cfg.num_layers * len(LINEARS) - len(float_linears)
+    log(f"wrote {save_path}: {n_quant} linears W8A8_MIX, {len(float_linears)} float, {len(files)} file(s) "
+        f"in {time.time() - t0:.1f}s")
+    return Path(save_path)
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as e:  # transformers raises many types for a missing or broken tokenizer
+        raise PdmixError(f"{model_path}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None

@@ -1,0 +1,61 @@
+"""Rollback: which linears stay float (SPEC §7).
+
+A linear's sensitivity to activation quantization is max|x| / std(x) of its input over the
+calibration set. Linears that read the same input (q/k/v, gate/up) share a score and roll back
+together.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmix.errors import PdmixError
+from pdmix.format.names import INPUT_GROUPS, linear_prefix
+
+
+@dataclass
+class InputStats:
+    absmax: float = 0.0
+    total: float = 0.0
+    total_sq: float = 0.0
+    count: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        self.absmax = max(self.absmax, x.abs().max().item())
+        self.total += x.sum().item()
+        self.total_sq += x.pow(2).sum().item()
+        self.count += x.numel()
+
+    def score(self) -> float:
+        mean = self.total / self.count
+        std = max(self.total_sq / self.count - mean * mean, 0.0) ** 0.5
+        return self.absmax / max(std, 1e-12)
+
+
+def group_prefixes(layer: int, group: tuple[str, ...]) -> list[str]:
+    return [linear_prefix(layer, n) for n in group]
+
+
+def expand_names(names, num_layers: int) -> set[str]:
+    """--disable_names: full linear names (model.layers.3.mlp.down_proj); a name brings its group."""
+    chosen = set()
+    for name in names:
+        if name in ("lm_head", "model.embed_tokens"):
+            continue  # always float
+        found = [g for i in range(num_layers) for g in INPUT_GROUPS if name in group_prefixes(i, g)]
+        if not found:
+            raise PdmixError(f"--disable_names {name}: no such linear (expected e.g. {linear_prefix(0, 'down_proj')})")
+        layer = int(name.split(".")[2])
+        chosen.update(group_prefixes(layer, found[0]))
+    return chosen
+
+
+def most_sensitive(scores: dict[tuple[int, tuple[str, ...]], float], n: int) -> list[tuple[str, float]]:
+    """The top-scoring groups until at least n linears are chosen: [(linear name, score)]."""
+    chosen = []
+    for (layer, group), score in sorted(scores.items(), key=lambda kv: -kv[1]):
+        if len(chosen) >= n:
+            break
+        chosen += [(p, score) for p in group_prefixes(layer, group)]
+    return chosen

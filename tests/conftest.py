@@ -1,0 +1,44 @@
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/builders.py
+
+from pdmix.synth import make_random_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random float models, one per architecture (plus an fp16 Qwen3), built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+
+    def get(arch: str, dtype=torch.bfloat16, **kw) -> Path:
+        key = (arch, dtype, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_random_model(root / f"{arch}-{str(dtype)[6:]}-{len(made)}", arch, dtype=dtype, **kw)
+        return made[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_calib(tmp_path_factory) -> Path:
+    """A short calibration file, so tests quantize in seconds."""
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    texts = ["Hello, how are you today?", "def add(a, b):\n    return a + b", "The integral of x is x^2/2.",
+             "深度学习是机器学习的一个分支。", "Rivers carve canyons over millions of years.", "What's deep learning?"]
+    path.write_text("".join(json.dumps({"inputs_pretokenized": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture
+def copy_model(tmp_path):
+    def copy(src: Path) -> Path:
+        dst = tmp_path / ("copy-" + src.name)
+        shutil.copytree(src, dst)
+        return dst
+    return copy

@@ -211,10 +211,57 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                 if name.rpartition(".")[0].rpartition(".")[2] not in LINEARS:
                     out[name] = v  # norms, their SPEC §6 biases
             types.update({k: FLOAT for k in out if k not in types})
-            writer.add(out, types)
+            if writer is not None:
+                writer.add(out, types)
             cal.run(build_layer(cfg, i, t, quantized, device=cal.device), RowSplit(0, "static"))
             st.release()
             bar.update()
+
+
+def calib_nll(cfg, st, cal: Calibration) -> float:
+    """Mean next-token NLL of the calibration prompts from the current (last-layer) hidden states."""
+    from pdmix.models.layers import RMSNorm
+    norm = RMSNorm(st.get("model.norm.weight"), cfg.rms_norm_eps).to(cal.device)
+    head = st.get("lm_head.weight" if "lm_head.weight" in st else "model.embed_tokens.weight").to(cal.device)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for h, ids in zip(cal.hidden, cal.ids):
+            if len(ids) < 2:
+                continue
+            logits = (norm(h[:-1]) @ head.T).float()
+            total += torch.nn.functional.cross_entropy(logits, ids[1:].to(cal.device), reduction="sum").item()
+            count += len(ids) - 1
+    st.release()
+    return total / max(count, 1)
+
+
+def budget_rollback(cfg, st, cal: Calibration, config: QuantConfig, spill, scores, float_nll: float, log: Log) -> set[str]:
+    """auto:<pct>: the fewest most-sensitive groups kept float that bring the static path within pct of
+    the float model's perplexity on the calibration prompts (binary search over the ranking)."""
+    import math
+    pct = float(config.disable_level.split(":")[1])
+    ranked = [rollback.group_prefixes(i, g) for (i, g), _ in sorted(scores.items(), key=lambda kv: -kv[1])]
+    target = math.exp(float_nll) * (1 + pct / 100)
+    tried = {}
+
+    def ppl_with(k: int) -> float:
+        if k not in tried:
+            cal.reset()
+            chosen = {p for group in ranked[:k] for p in group}
+            quantize_pass(cfg, st, cal, config, chosen, spill, None, Log(True))
+            tried[k] = math.exp(calib_nll(cfg, st, cal))
+            log(f"auto rollback: {k} groups float -> static ppl {tried[k]:.4f} (target {target:.4f})")
+        return tried[k]
+
+    lo, hi = 0, len(ranked)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ppl_with(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    cal.reset()
+    return {p for group in ranked[:lo] for p in group}
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -247,8 +294,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     if config.observer not in OBSERVERS:
         raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
     n_rollback = config.rollback_count()
-    if n_rollback is None:
-        raise PdmixError(f"--disable_level {config.disable_level}: the auto budget is not available yet; use Ln")
+    auto = n_rollback is None
     st = SafetensorsFolder(model_path, quantized=False)
     check_source(cfg, st)
     rollback.expand_names(config.disable_names, cfg.num_layers)
@@ -262,13 +308,19 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     with atomic_dir(save_path, overwrite) as out:
         cal = Calibration(cfg, st, ids, device)
         spill, scores = None, {}
-        if config.anti_method != "none" or n_rollback:
+        if config.anti_method != "none" or n_rollback or auto:
             spill = out / ".smoothed" if config.anti_method != "none" else None
             if spill:
                 spill.mkdir()
             scores = analysis_pass(cfg, st, cal, config, spill or out, log)
+            float_nll = calib_nll(cfg, st, cal) if auto else None
             cal.reset()
         float_linears = choose_float_linears(cfg, config, scores, log)
+        if auto:
+            chosen = budget_rollback(cfg, st, cal, config, spill, scores, float_nll, log)
+            for p in sorted(chosen):
+                log(f"rollback {p} (auto budget)")
+            float_linears |= chosen
         writer = CheckpointWriter(out, config.part_file_size)
         quantize_pass(cfg, st, cal, config, float_linears, spill, writer, log)
         for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):

@@ -1,0 +1,173 @@
+"""`pdmix eval`: perplexity per quantization path, through the pdmix runtime.
+
+- dynamic: every token through the prefill (per-token) path;
+- static: every token through the decode (per-tensor) path;
+- pdmix: the first `prefill_frac` of each window as prefill, the rest teacher-forced through the
+  decode path, as generation sees it. Static quantization does not depend on other rows, so
+  teacher-forcing the decode part is one forward whose later rows take the static path.
+With `--compare FLOAT_PATH`: the float model's ppl, each mode's relative delta, and greedy-token
+agreement (the float model's greedy continuation, teacher-forced through the quantized model in
+PD-mix: prompt as prefill, continuation as decode rows; top-1 match rate).
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdmix.errors import PdmixError
+from pdmix.format.description import is_quant_checkpoint
+
+MODES = ("dynamic", "static", "pdmix")
+CHAT_PROMPTS = (
+    "What's deep learning?", "How do vaccines train the immune system?", "Give me three tips for learning a new language.",
+    "Why is the sky blue?", "Explain recursion to a beginner programmer.", "What causes the seasons on Earth?",
+    "How does a bill become a law in a parliament?", "Write a haiku about the sea.",
+    "What is the difference between weather and climate?", "How do I make a good cup of tea?",
+    "What are black holes?", "Summarise the causes of the French Revolution.",
+    "What is a prime number? Give examples.", "How do solar panels produce electricity?",
+    "What should I pack for a weekend hiking trip?", "Explain what a database index is.",
+    "Why do cats purr?", "What is photosynthesis?", "How can I improve my public speaking?",
+    "What is the Pythagorean theorem?",
+)
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise PdmixError(f"--data_range {text}: expected START:END fractions, e.g. 0.25:1") from None
+    if not 0 <= a < b <= 1:
+        raise PdmixError(f"--data_range {text}: need 0 <= START < END <= 1")
+    return a, b
+
+
+def token_windows(tokenizer, data: Path, ctx: int, max_windows: int | None, data_range=(0.0, 1.0)) -> list[list[int]]:
+    """Non-overlapping windows of ctx tokens from a slice (fractions of the tokens) of a text file."""
+    try:
+        text = data.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+        raise PdmixError(f"--data {data}: cannot read ({e.__class__.__name__})") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ids[int(len(ids) * data_range[0]):int(len(ids) * data_range[1])]
+    wins = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
+    if max_windows:
+        wins = wins[:max_windows]
+    if not wins:
+        raise PdmixError(f"--data {data}: fewer than {ctx} tokens in the chosen range")
+    return wins
+
+
+def window_nll(logits: torch.Tensor, ids: list[int]) -> float:
+    """Summed negative log-likelihood of ids[1:] given logits of rows [:-1]."""
+    target = torch.tensor(ids[1:], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), target, reduction="sum").item()
+
+
+def perplexity(llm, windows, mode: str, prefill_frac: float, progress=None) -> float:
+    nll, n = 0.0, 0
+    for w in windows:
+        n_prefill = len(w) if mode == "dynamic" else 0 if mode == "static" else max(1, int(len(w) * prefill_frac))
+        nll += window_nll(llm.score(w, n_prefill, mode if mode != "float" else "pdmix"), w)
+        n += len(w) - 1
+        if progress:
+            progress.update()
+    return math.exp(nll / n)
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(question)["input_ids"]
+
+
+def greedy_agreement(quant_llm, float_llm, n_prompts: int, new_tokens: int) -> dict:
+    from pdmix.runtime.sampling import SamplingParams
+    prompts = [chat_ids(float_llm.tokenizer, q) for q in CHAT_PROMPTS[:n_prompts]]
+    outs = float_llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    agree = total = 0
+    for prompt, out in zip(prompts, outs):
+        cont = out.outputs[0].token_ids
+        logits = quant_llm.score(prompt + cont, len(prompt), "pdmix")
+        pred = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+        agree += sum(int(a == b) for a, b in zip(pred, cont))
+        total += len(cont)
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "tokens": total, "agree": agree,
+            "rate": agree / total}
+
+
+def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_frac=0.5, compare=None,
+             data_range=(0.0, 1.0), agreement_prompts=20, agreement_tokens=64, device="cpu", quiet=False) -> dict:
+    from tqdm import tqdm
+
+    from pdmix.runtime.llm import LLM
+    quantized = is_quant_checkpoint(Path(model_path))
+    modes = list(modes) if quantized else ["float"]
+    limit = ctx + agreement_tokens + 256
+    llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device)
+    windows = token_windows(llm.tokenizer, Path(data), ctx, max_windows, data_range)
+    result = {"model": str(model_path), "data": str(data), "data_range": list(data_range), "ctx": ctx,
+              "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "prefill_frac": prefill_frac,
+              "device": str(llm.device), "ppl": {}}
+    t0 = time.time()
+    with tqdm(total=len(windows) * (len(modes) + bool(compare)), desc="eval", unit="window", disable=quiet,
+              file=sys.stderr) as bar:
+        for mode in modes:
+            result["ppl"][mode] = perplexity(llm, windows, mode, prefill_frac, bar)
+        if compare:
+            float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device)
+            base = perplexity(float_llm, windows, "float", prefill_frac, bar)
+            result["compare"] = {"float_model": str(compare), "float_ppl": base,
+                                 "delta": {m: p / base - 1 for m, p in result["ppl"].items()}}
+            if agreement_prompts:
+                result["compare"]["greedy_agreement"] = greedy_agreement(llm, float_llm, agreement_prompts,
+                                                                         agreement_tokens)
+    result["wall_s"] = round(time.time() - t0, 1)
+    return result
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--data", required=True, help="a text file (e.g. WikiText-2 valid.txt)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    p.add_argument("--max_windows", type=int, default=None)
+    p.add_argument("--data_range", default="0:1", help="START:END fractions of the data's tokens, e.g. 0.25:1")
+    p.add_argument("--quant_mode", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--prefill_frac", type=float, default=0.5, help="pdmix mode: share of a window run as prefill")
+    p.add_argument("--compare", default=None, metavar="FLOAT_PATH", help="the float model to compare with")
+    p.add_argument("--agreement_prompts", type=int, default=20)
+    p.add_argument("--agreement_tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--output", default=None, help="also write the JSON here")
+
+
+def run(args) -> int:
+    if args.ctx < 2:
+        raise PdmixError(f"--ctx {args.ctx}: need at least 2 tokens")
+    if not 0 < args.prefill_frac < 1:
+        raise PdmixError(f"--prefill_frac {args.prefill_frac}: expected a fraction in (0, 1)")
+    res = evaluate(args.model_path, args.data, args.ctx, args.max_windows, args.quant_mode, args.prefill_frac,
+                   args.compare, parse_range(args.data_range), args.agreement_prompts, args.agreement_tokens,
+                   args.device, quiet=args.json)
+    text = json.dumps(res, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        for mode, ppl in res["ppl"].items():
+            delta = res.get("compare", {}).get("delta", {}).get(mode)
+            print(f"{mode:8s} ppl {ppl:9.4f}" + (f"  ({delta:+.2%} vs float)" if delta is not None else ""))
+        if "compare" in res:
+            c = res["compare"]
+            print(f"float    ppl {c['float_ppl']:9.4f}")
+            if "greedy_agreement" in c:
+                g = c["greedy_agreement"]
+                print(f"greedy agreement {g['rate']:.1%} of {g['tokens']} tokens over {g['prompts']} prompts")
+        print(f"{res['windows']} windows x {res['ctx']} tokens of {res['data']} [{args.data_range}], {res['wall_s']}s")
+    return 0

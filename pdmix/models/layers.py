@@ -67,10 +67,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over one contiguous sequence: q [T,H,D], k/v [T,KV,D] -> [T,H,D]."""
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                       is_causal=True, enable_gqa=True)
-    return o.transpose(0, 1)
+    """Causal attention over one contiguous sequence: q [T,H,D], k/v [T,KV,D] -> [T,H,D].
+
+    Computed in fp32: CPU SDPA in bf16 is an order of magnitude slower for short sequences.
+    """
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
+                                       v.transpose(0, 1).float(), is_causal=True, enable_gqa=True)
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def packed_causal_attention(lengths: list[int]):
+    """attn(layer_idx, q, k, v) over several sequences packed row after row (varlen)."""
+    def attn(_, q, k, v):
+        return torch.cat([causal_attention(*t) for t in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
+    return attn
 
 
 class Attention(nn.Module):

@@ -23,7 +23,7 @@ from pdmix.format.names import FLOAT, INPUT_GROUPS, QUANT_TYPE, linear_prefix
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
 from pdmix.models.config import ModelConfig, load_config
-from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
+from pdmix.models.layers import DecoderLayer, Rotary, layer_norms, packed_causal_attention
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
 from pdmix.quant import calib, rollback
 from pdmix.quant.anti_outlier import GROUPS, METHODS, ChannelStats, anti_outlier
@@ -121,27 +121,45 @@ def observe_inputs(layer: DecoderLayer, on_input):
 
 
 class Calibration:
-    """The calibration hidden states of every prompt, carried through the layers."""
+    """The calibration hidden states of every prompt, carried through the layers.
 
-    def __init__(self, cfg: ModelConfig, st: SafetensorsFolder, ids: list[torch.Tensor], device):
+    Prompts are packed row after row into chunks of up to `chunk_tokens` rows, so each linear runs
+    one GEMM a chunk; attention stays within each prompt. `lengths` gives the prompts of a chunk.
+    """
+
+    def __init__(self, cfg: ModelConfig, st: SafetensorsFolder, ids: list[torch.Tensor], device,
+                 chunk_tokens: int = 4096):
         self.cfg, self.st, self.ids, self.device = cfg, st, ids, device
         self.rotary = Rotary(cfg, device)
-        self.cos, self.sin = self.rotary(torch.arange(max(len(t) for t in ids), device=device))
+        self.chunks: list[list[int]] = [[]]  # prompt indices per chunk
+        for i, t in enumerate(ids):
+            if self.chunks[-1] and sum(len(ids[j]) for j in self.chunks[-1]) + len(t) > chunk_tokens:
+                self.chunks.append([])
+            self.chunks[-1].append(i)
+        self.lengths = [[len(ids[j]) for j in c] for c in self.chunks]
+        self.rope = [self.rotary(torch.cat([torch.arange(n) for n in ls]).to(device)) for ls in self.lengths]
         self.reset()
 
     def reset(self) -> None:
         """Hidden states = embeddings, read row by row so the table itself never sits in memory."""
         table = self.st.get_rows("model.embed_tokens.weight", torch.cat(self.ids).unique().tolist())
-        self.hidden = [torch.cat([table[int(t)] for t in seq]).to(self.device) for seq in self.ids]
+        self.hidden = [torch.cat([table[int(t)] for j in c for t in self.ids[j]]).to(self.device) for c in self.chunks]
         self.st.release()
 
+    def prompts(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+        """Split a chunk's rows into its prompts."""
+        return x.split(self.lengths[chunk])
+
     @torch.no_grad()
-    def run(self, layer: DecoderLayer, split: RowSplit | None = None, keep: bool = True) -> None:
-        """Forward every prompt through `layer`; keep=True replaces the hidden states by its outputs."""
+    def run(self, layer: DecoderLayer, split: RowSplit | None = None, keep: bool = True, on_chunk=None) -> None:
+        """Forward every chunk through `layer`; keep=True replaces the hidden states by its outputs.
+        on_chunk(i) is called before chunk i (observers use it to split rows into prompts)."""
         out = []
-        for h in self.hidden:
-            n = h.shape[0]
-            out.append(layer(h, self.cos[:n], self.sin[:n], lambda _, q, k, v: causal_attention(q, k, v), split))
+        for i, h in enumerate(self.hidden):
+            if on_chunk:
+                on_chunk(i)
+            cos, sin = self.rope[i]
+            out.append(layer(h, cos, sin, packed_causal_attention(self.lengths[i]), split))
         if keep:
             self.hidden = out
 
@@ -186,8 +204,13 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
             t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else source
             observers = {g: make_observer(config.observer) for g in INPUT_GROUPS}
             layer = build_layer(cfg, i, t, device=cal.device)
-            hooks = observe_inputs(layer, lambda g, x: observers[g].update(x))
-            cal.run(layer, keep=False)
+            chunk = [0]
+
+            def observe(g, x):  # an observer sees each calibration prompt as one forward (SPEC §4)
+                for rows in cal.prompts(x, chunk[0]):
+                    observers[g].update(rows)
+            hooks = observe_inputs(layer, observe)
+            cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
             for h in hooks:
                 h.remove()
             out, types, quantized = {}, {}, {}
@@ -225,12 +248,14 @@ def calib_nll(cfg, st, cal: Calibration) -> float:
     head = st.get("lm_head.weight" if "lm_head.weight" in st else "model.embed_tokens.weight").to(cal.device)
     total, count = 0.0, 0
     with torch.no_grad():
-        for h, ids in zip(cal.hidden, cal.ids):
-            if len(ids) < 2:
-                continue
-            logits = (norm(h[:-1]) @ head.T).float()
-            total += torch.nn.functional.cross_entropy(logits, ids[1:].to(cal.device), reduction="sum").item()
-            count += len(ids) - 1
+        for c, hidden in enumerate(cal.hidden):
+            for h, j in zip(cal.prompts(hidden, c), cal.chunks[c]):
+                ids = cal.ids[j]
+                if len(ids) < 2:
+                    continue
+                logits = (norm(h[:-1]) @ head.T).float()
+                total += torch.nn.functional.cross_entropy(logits, ids[1:].to(cal.device), reduction="sum").item()
+                count += len(ids) - 1
     st.release()
     return total / max(count, 1)
 

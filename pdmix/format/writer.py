@@ -1,8 +1,9 @@
 """Write a W8A8_MIX checkpoint with bounded memory.
 
 Tensors arrive a decoder layer at a time and are spilled to small safetensors files at once.
-`finish` then lays them out in shards of at most `part_file_size` GB, copying one tensor at a time
-from the memory-mapped spill files: peak memory is one tensor, not one shard. A shard's safetensors
+`finish` then lays them out in shards of at most `part_file_size` GB, copying bytes from the spill
+files (and, for tensors kept as they are, from the source model's files): peak memory is one copy
+buffer, not one shard or even one tensor. A shard's safetensors
 header is written by hand because the library only saves a whole in-memory dict.
 """
 
@@ -11,7 +12,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pdmix.format.description import write_description
@@ -39,23 +39,50 @@ def _nbytes(dtype: torch.dtype, shape) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def write_safetensors_streaming(path: Path, entries: list[tuple[str, torch.dtype, list[int]]], fetch) -> None:
-    """Write a safetensors file whose tensors come one at a time from fetch(name)."""
+COPY_CHUNK = 64 * 1024**2
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the byte offset where its data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, torch.dtype, list[int], Path]]) -> None:
+    """Write a safetensors file by copying each tensor's bytes from the file that holds it.
+
+    Plain reads in bounded chunks, no memory map and no tensor object: memory stays at one chunk.
+    """
     header, offset = {}, 0
-    for name, dtype, shape in entries:
+    for name, dtype, shape, _ in entries:
         size = _nbytes(dtype, shape)
         header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, dtype, shape in entries:
-            t = fetch(name).contiguous()
-            assert t.dtype == dtype and list(t.shape) == list(shape), name
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    sources = {}
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for name, dtype, shape, src in entries:
+            if src not in sources:
+                sources[src] = read_header(src)
+            src_header, base = sources[src]
+            meta = src_header[name]
+            if meta["dtype"] != _ST_DTYPE[dtype] or list(meta["shape"]) != list(shape):
+                raise ValueError(f"{src}: tensor {name} changed since it was recorded")
+            start, end = meta["data_offsets"]
+            with open(src, "rb") as f:
+                f.seek(base + start)
+                remaining = end - start
+                while remaining:
+                    chunk = f.read(min(COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise ValueError(f"{src}: tensor {name} is truncated")
+                    out.write(chunk)
+                    remaining -= len(chunk)
 
 
 class CheckpointWriter:
@@ -99,31 +126,20 @@ class CheckpointWriter:
 
     def finish(self) -> list[str]:
         """Lay out the shards, the index (when more than one) and the description; returns file names."""
-        where = {e[0]: e[3] for e in self.entries}
-        current = {}  # one open file at a time: its mapped pages stop counting once it is closed
-
-        def fetch(name):
-            path = where[name]
-            if path not in current:
-                current.clear()
-                current[path] = safe_open(str(path), framework="pt")
-            return current[path].get_tensor(name)
-
         shards = self._plan_shards()
         names = [WEIGHT_FILE] if len(shards) == 1 else [
             SHARD_TEMPLATE.format(i=i + 1, n=len(shards)) for i in range(len(shards))]
         weight_map, total = {}, 0
         for fname, idx in zip(names, shards):
-            entries = [self.entries[i][:3] for i in idx]
-            write_safetensors_streaming(self.out_dir / fname, entries, fetch)
-            for name, dtype, shape in entries:
+            entries = [self.entries[i] for i in idx]
+            write_safetensors_streaming(self.out_dir / fname, entries)
+            for name, dtype, shape, _ in entries:
                 weight_map[name] = fname
                 total += _nbytes(dtype, shape)
         if len(shards) > 1:
             with open(self.out_dir / INDEX_FILE, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
                 f.write("\n")
-        current.clear()
         for p in self.spill_dir.iterdir():
             p.unlink()
         self.spill_dir.rmdir()

@@ -68,5 +68,5 @@ def linear_dynamic(x, weight_t, weight_scale_row, bias_float, out_dtype):
 def recover_bias(deq_scale: torch.Tensor, quant_bias: torch.Tensor, input_offset: torch.Tensor,
                  weight: torch.Tensor) -> torch.Tensor:
     """bias_float = deq_scale * (quant_bias + input_offset * sum_k(weight)), fp32 [n]."""
-    wsum = weight.to(torch.int64).sum(dim=1).to(torch.float32)
+    wsum = weight.sum(dim=1, dtype=torch.int64).to(torch.float32)
     return deq_scale.to(torch.float32) * (quant_bias.to(torch.float32) + input_offset.to(torch.float32) * wsum)

@@ -26,7 +26,7 @@ class QuantizedLinear:
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: (weight int8 [n,k], weight_scale [n,1] in w.dtype)."""
     scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=FP32_EPS)
-    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)  # torch.round is half-to-even
+    q = (w / scale).round_().clamp_(-127, 127).to(torch.int8)  # round is half-to-even; in place bounds memory
     return q, scale
 
 
@@ -60,7 +60,7 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: tor
     q, ws = quantize_weight(w)
     deq = (input_scale * ws).reshape(-1).to(torch.float32)
     b32 = torch.zeros(w.shape[0], dtype=torch.float32) if bias is None else bias.to(dtype).to(torch.float32)
-    wsum = q.to(torch.int64).sum(dim=1).to(torch.float32)
+    wsum = q.sum(dim=1, dtype=torch.int64).to(torch.float32)
     qbias = torch.round(b32 / deq - wsum * input_offset.to(torch.float32)).to(torch.int32)
     return QuantizedLinear(
         weight=q, weight_scale=ws, weight_offset=torch.zeros_like(ws),

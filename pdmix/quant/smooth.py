@@ -12,18 +12,22 @@ that produces X, whose output channel c becomes (c - z) / s:
     comes through unchanged. Under GQA one v channel feeds num_heads / num_kv_heads query heads,
     so z and s live on v channels and repeat over the o_proj columns that read them;
   - down: up_proj's rows. down reads silu(gate) * up: a scale of up comes through, a shift does not.
-All arithmetic is fp32; results go back to the model dtype (norm biases stay fp32, SPEC §6).
+m4 picks alpha per group from ALPHA_GRID by the static W8A8 error of X' W'^T: measured on
+held-out calibration forwards when the pipeline passes samples (ForwardSample), else modelled
+from the per-channel ranges. All arithmetic is fp32; results go back to the model dtype (norm
+biases stay fp32, SPEC §6).
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from pdmix.kernels.reference import quantize_static
 from pdmix.quant.arithmetic import quantize_weight, static_activation_params
+from pdmix.quant.observer import fake_quant_static
 
 ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8
 MIN_SCALE, MAX_SCALE = 1e-4, 1e4  # keeps w / s and W * s finite in fp16
+EVAL_ROWS = 512  # output rows the alpha search measures error on
 
 
 @dataclass(frozen=True)
@@ -70,57 +74,90 @@ def smoothing_scales(r: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch
     return torch.where(ok, s, torch.ones_like(s)).clamp(MIN_SCALE, MAX_SCALE)
 
 
-def proxy_error(mn: torch.Tensor, mx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Expected squared static-W8A8 error of X W^T, summed over outputs, from per-channel ranges of X.
+@dataclass
+class ForwardSample:
+    """What m4's alpha search keeps of one calibration forward's input to one group."""
+    min: torch.Tensor   # fp32 [k] per-channel min over the forward's tokens
+    max: torch.Tensor   # fp32 [k]
+    rows: torch.Tensor  # [m, k] some of its rows, model dtype
 
-    Models quantization noise as uniform (step^2 / 12) and each channel of X as uniform on [mn, mx]:
-    per-tensor activation step dx gives dx^2/12 * sum W^2; per-row weight step dw_i gives
-    dw_i^2/12 * sum_j E[x_j^2].
-    """
-    dx = (mx.max().clamp(min=0) - mn.min().clamp(max=0)) / 255
-    ex2 = (mn * mn + mn * mx + mx * mx) / 3
-    dw = w.abs().amax(dim=1) / 127
-    return (dx * dx * w.pow(2).sum() + dw.pow(2).sum() * ex2.sum()) / 12
-
-
-def sampled_error(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Mean squared static-W8A8 error of x W^T on sample rows x, activation range from [min mn, max mx]."""
-    scale, offset = static_activation_params(mn.min().reshape(1), mx.max().reshape(1), torch.float32)
-    xq = (quantize_static(x, scale, offset).float() - offset) * scale
-    q, ws = quantize_weight(w)
-    return (xq @ (q.float() * ws).T - x @ w.T).pow(2).mean()
+    @classmethod
+    def of(cls, x: torch.Tensor, n_random: int = 32, n_top: int = 8, generator=None) -> "ForwardSample":
+        """Up to n_random rows at random plus the n_top rows of largest |x| (the ones clipping hurts)."""
+        x = x.reshape(-1, x.shape[-1])
+        pick = torch.randperm(x.shape[0], generator=generator)[:n_random]
+        top = x.abs().amax(dim=1).topk(min(n_top, x.shape[0])).indices
+        x32 = x.to(torch.float32)
+        return cls(x32.amin(0), x32.amax(0), x[torch.cat([pick, top]).unique()].clone())
 
 
 @dataclass
 class GroupInput:
-    """One group's input statistics and consumer weights (fp32), in both channel spaces."""
+    """The linears reading one group's input, and how that input's channels map to the producer's."""
     ch: Channels
-    mn: torch.Tensor        # [k] per input channel
-    mx: torch.Tensor
-    w: torch.Tensor         # [n, k] all consumers, stacked
-    sample: torch.Tensor | None = None  # [N, k] rows of the float input, if the pipeline gave them
+    w: torch.Tensor      # fp32 [n, k], all consumers stacked
+    w_eval: torch.Tensor  # a bounded subset of w's rows, for measuring error
+    shift: bool
 
-    def plan(self, alpha: float, shift: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(z or None, s) on producer channels."""
-        mn, mx = self.ch.reduce(self.mn, torch.amin), self.ch.reduce(self.mx, torch.amax)
+    def plan(self, mn: torch.Tensor, mx: torch.Tensor, alpha: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(z or None, s) on producer channels, from per-input-channel ranges."""
+        mn, mx = self.ch.reduce(mn, torch.amin), self.ch.reduce(mx, torch.amax)
         wmax = self.ch.reduce(self.w.abs().amax(dim=0), torch.amax)
-        if shift:
+        if self.shift:
             return (mx + mn) / 2, smoothing_scales((mx - mn) / 2, wmax, alpha)
         return None, smoothing_scales(torch.maximum(mn.abs(), mx.abs()), wmax, alpha)
 
-    def error(self, z: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
-        z = torch.zeros_like(self.mn) if z is None else self.ch.expand(z)
-        s = self.ch.expand(s)
-        mn, mx, w = (self.mn - z) / s, (self.mx - z) / s, self.w * s
-        if self.sample is None:
-            return proxy_error(mn, mx, w)
-        return sampled_error((self.sample.float() - z) / s, mn, mx, w)
+    def input_plan(self, mn, mx, alpha) -> tuple[torch.Tensor, torch.Tensor]:
+        """plan() on the group's input channels, z = 0 without shift."""
+        z, s = self.plan(mn, mx, alpha)
+        return (torch.zeros_like(mn) if z is None else self.ch.expand(z)), self.ch.expand(s)
 
 
-def search_alpha(g: GroupInput, alphas, default: float, shift: bool) -> float:
-    """The alpha of the grid (plus default) with the least error; ties go to the one nearest default."""
+def proxy_error(g: GroupInput, mn: torch.Tensor, mx: torch.Tensor, alpha: float) -> float:
+    """Expected squared static-W8A8 error of X' W'^T from per-channel ranges of X alone.
+
+    Quantization noise is taken as uniform (step^2 / 12) and each channel of X' as uniform on its
+    range: the per-tensor activation step dx costs dx^2/12 * sum W'^2, the per-row weight step dw_i
+    costs dw_i^2/12 * sum_j E[x'_j^2].
+    """
+    z, s = g.input_plan(mn, mx, alpha)
+    mn, mx, w = (mn - z) / s, (mx - z) / s, g.w_eval * s
+    dx = (mx.max().clamp(min=0) - mn.min().clamp(max=0)) / 255
+    ex2 = (mn * mn + mn * mx + mx * mx) / 3
+    dw = w.abs().amax(dim=1) / 127
+    return ((dx * dx * w.pow(2).sum() + dw.pow(2).sum() * ex2.sum()) / 12).item()
+
+
+def fake_quant_error(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> float:
+    """Mean squared error of x w^T under static W8A8 (SPEC §4/§5 arithmetic), x and w fp32."""
+    q, ws = quantize_weight(w)
+    return (fake_quant_static(x, scale, offset) @ (q.float() * ws).T - x @ w.T).pow(2).mean().item()
+
+
+def cross_validated_error(g: GroupInput, forwards: list[ForwardSample], alpha: float, folds: int = 4) -> float:
+    """Static W8A8 error of X' W'^T on held-out forwards, with s, z and the activation range (SPEC §4:
+    mean of per-forward min/max) fitted on the others. Held out because a scale fitted on the same
+    tokens overfits: channels quiet in calibration get amplified, then clip on new text."""
+    folds = max(1, min(folds, len(forwards)))
+    total = 0.0
+    for k in range(folds):
+        test = forwards[k::folds]
+        train = [f for i, f in enumerate(forwards) if i % folds != k] or test
+        fmin, fmax = torch.stack([f.min for f in train]), torch.stack([f.max for f in train])
+        z, s = g.input_plan(fmin.amin(0), fmax.amax(0), alpha)
+        scale, offset = static_activation_params(((fmin - z) / s).amin(1), ((fmax - z) / s).amax(1),
+                                                 test[0].rows.dtype)
+        x = (torch.cat([f.rows for f in test]).float() - z) / s
+        total += fake_quant_error(x, g.w_eval * s, scale, offset)
+    return total / folds
+
+
+def search_alpha(error, alphas, default: float) -> float:
+    """The alpha of the grid (plus default) with the least error(alpha); ties go to the one nearest default."""
     candidates = sorted(set(alphas) | {default}, key=lambda a: abs(a - default))
-    errors = [g.error(*g.plan(a, shift)).item() for a in candidates]
+    if len(candidates) == 1:
+        return default
+    errors = [error(a) for a in candidates]
     return candidates[min(range(len(candidates)), key=errors.__getitem__)]
 
 
@@ -155,6 +192,13 @@ def cast_back(t: dict, tensors: dict) -> dict:
     return out
 
 
+def eval_rows(w: torch.Tensor, limit: int = EVAL_ROWS) -> torch.Tensor:
+    """A fixed random subset of w's output rows: error per output is an average, so this estimates it."""
+    if w.shape[0] <= limit:
+        return w
+    return w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))[:limit]]
+
+
 def smooth_layer(cfg, layer_idx: int, tensors: dict, stats: dict, alpha: float, shift: bool, alphas,
                  samples: dict | None = None) -> dict:
     p = f"model.layers.{layer_idx}."
@@ -162,12 +206,15 @@ def smooth_layer(cfg, layer_idx: int, tensors: dict, stats: dict, alpha: float, 
     for e in EDGES:
         if e.group not in stats:
             continue
-        g = GroupInput(Channels(cfg, e.heads), stats[e.group].min.float(), stats[e.group].max.float(),
-                       torch.cat([t[p + c + ".weight"] for c in e.consumers]),
-                       (samples or {}).get(e.group))
-        use_shift = shift and e.shift
-        a = search_alpha(g, alphas, alpha, use_shift) if len(alphas) > 1 else alpha
-        z, s = g.plan(a, use_shift)
+        w = torch.cat([t[p + c + ".weight"] for c in e.consumers])
+        g = GroupInput(Channels(cfg, e.heads), w, eval_rows(w), shift and e.shift)
+        mn, mx = stats[e.group].min.float(), stats[e.group].max.float()
+        forwards = (samples or {}).get(e.group)
+        if forwards:
+            a = search_alpha(lambda a: cross_validated_error(g, forwards, a), alphas, alpha)
+        else:
+            a = search_alpha(lambda a: proxy_error(g, mn, mx, a), alphas, alpha)
+        z, s = g.plan(mn, mx, a)
         fold_into_producer(t, p + e.producer, z, s)
         for c in e.consumers:
             fold_into_consumer(t, p + c, g.ch.expand(z), g.ch.expand(s))
@@ -182,8 +229,8 @@ def smooth(cfg, layer_idx, tensors, stats, alpha: float = 0.5, samples=None) -> 
 def m4(cfg, layer_idx, tensors, stats, alpha: float = 0.5, samples=None) -> dict:
     """Shift plus smoothing, alpha searched per group over ALPHA_GRID (ties to `alpha`).
 
-    samples: optional {group: [N, k] float input rows} (a bounded random subsample of the
-    calibration tokens); with them the search minimises the measured fake-quant error of X W^T,
-    without them an error model built from the per-channel ranges.
+    samples: optional {group: [ForwardSample.of(x) for each calibration forward]}. With them the
+    search minimises the measured static W8A8 error of X' W'^T on held-out forwards; without
+    them, an error model built from the per-channel ranges in `stats` (weaker: see proxy_error).
     """
     return smooth_layer(cfg, layer_idx, tensors, stats, alpha, shift=True, alphas=ALPHA_GRID, samples=samples)

@@ -65,8 +65,14 @@ def linear_dynamic(x, weight_t, weight_scale_row, bias_float, out_dtype):
     return epilogue_dynamic(int8_matmul(x_q, weight_t), s, weight_scale_row, bias_float, out_dtype)
 
 
+def weight_row_sums(weight: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """sum_k(weight) per output row, exact, as fp32 [n]. In row chunks: a whole-tensor sum with an
+    int dtype would first materialize a widened copy of the weight."""
+    return torch.cat([c.to(torch.int32).sum(dim=1) for c in weight.split(rows_per_chunk)]).to(torch.float32)
+
+
 def recover_bias(deq_scale: torch.Tensor, quant_bias: torch.Tensor, input_offset: torch.Tensor,
                  weight: torch.Tensor) -> torch.Tensor:
     """bias_float = deq_scale * (quant_bias + input_offset * sum_k(weight)), fp32 [n]."""
-    wsum = weight.sum(dim=1, dtype=torch.int64).to(torch.float32)
+    wsum = weight_row_sums(weight)
     return deq_scale.to(torch.float32) * (quant_bias.to(torch.float32) + input_offset.to(torch.float32) * wsum)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pdmix.kernels.reference import weight_row_sums
+
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -23,10 +25,16 @@ class QuantizedLinear:
         return {f"{prefix}.{k}": v for k, v in self.__dict__.items()}
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: (weight int8 [n,k], weight_scale [n,1] in w.dtype)."""
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=FP32_EPS)
-    q = (w / scale).round_().clamp_(-127, 127).to(torch.int8)  # round is half-to-even; in place bounds memory
+def quantize_weight(w: torch.Tensor, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (weight int8 [n,k], weight_scale [n,1] in w.dtype).
+
+    Rows are independent, so they are done a chunk at a time: the same bits, bounded temporaries.
+    """
+    scale = (torch.maximum(w.amax(dim=1, keepdim=True), -w.amin(dim=1, keepdim=True)) / 127).clamp(min=FP32_EPS)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    for r in range(0, w.shape[0], rows_per_chunk):
+        # round is half-to-even, as msModelSlim's torch.round
+        q[r:r + rows_per_chunk] = (w[r:r + rows_per_chunk] / scale[r:r + rows_per_chunk]).round_().clamp_(-127, 127)
     return q, scale
 
 
@@ -60,7 +68,7 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: tor
     q, ws = quantize_weight(w)
     deq = (input_scale * ws).reshape(-1).to(torch.float32)
     b32 = torch.zeros(w.shape[0], dtype=torch.float32) if bias is None else bias.to(dtype).to(torch.float32)
-    wsum = q.sum(dim=1, dtype=torch.int64).to(torch.float32)
+    wsum = weight_row_sums(q)
     qbias = torch.round(b32 / deq - wsum * input_offset.to(torch.float32)).to(torch.int32)
     return QuantizedLinear(
         weight=q, weight_scale=ws, weight_offset=torch.zeros_like(ws),

@@ -92,7 +92,9 @@ def check_source(cfg: ModelConfig, st: SafetensorsFolder) -> None:
 
 def load_layer(st: SafetensorsFolder, i: int) -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{i}."
-    return {n: st.get(n) for n in st.names() if n.startswith(prefix)}
+    tensors = {n: st.get(n) for n in st.names() if n.startswith(prefix)}
+    st.release()  # the tensors are copies; unmapping stops the file pages counting against this process
+    return tensors
 
 
 def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized: dict | None = None,
@@ -211,8 +213,7 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                     observers[g].update(rows)
             hooks = observe_inputs(layer, observe)
             cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
-            for h in hooks:
-                h.remove()
+            del layer, hooks
             out, types, quantized = {}, {}, {}
             for group in INPUT_GROUPS:
                 scale, offset = observers[group].params(cfg.dtype)
@@ -225,6 +226,8 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                             out[p + ".bias"] = b
                         continue
                     q = quantize_linear(w, b, scale, offset).tensors(p)
+                    del w
+                    t.pop(p + ".weight"), source.pop(p + ".weight", None)  # float copy no longer needed
                     quantized[p] = q
                     out.update(q)
                     types.update(dict.fromkeys(q, QUANT_TYPE))

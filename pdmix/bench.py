@@ -1,0 +1,503 @@
+"""`pdmix bench`: speed of float vs W8A8 PD-mix on one device, in one process.
+
+(a) Linear level: the four fused linear shapes of a decoder layer, bf16 F.linear against the
+    W8A8_MIX linear on its dynamic (prefill) and static (decode) paths, activation quantization
+    included. The W8A8 linear is a W8A8MixLinear built by the quantizer's arithmetic and run with
+    the kernel backend the runtime picks for the device, so it times the code the runtime runs.
+(b) End to end: prefill and decode throughput, TTFT, TPOT and peak memory of the runtime (LLM) on
+    the float model and on its pdmix quantization (made here with a short calibration).
+
+The model is a float Hugging Face folder (--model_path) or a named shape with random weights
+(--shape); everything built goes to a temporary folder that is removed at the end.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pdmix import kernels
+from pdmix.errors import PdmixError
+from pdmix.models.linear import RowSplit, W8A8MixLinear
+from pdmix.quant.arithmetic import quantize_linear, static_activation_params
+from pdmix.synth import SHAPES
+
+DEFAULT_M = [1, 16, 64, 256, 1024, 2048, 4096, 8192]
+# Flags left unset take these, by device type. CPU keeps M and the iterations small: one large-M
+# GEMM of a real shape takes seconds there.
+DEFAULTS = {
+    "cuda": dict(iters=50, warmup=10, max_m=8192, prompt_lens=[128, 2048], batch_sizes=[1, 32]),
+    "cpu": dict(iters=5, warmup=1, max_m=1024, prompt_lens=[128, 2048], batch_sizes=[1, 32]),
+}
+BIG_HIDDEN = 4096          # qwen3-8b and larger: CPU prefill defaults to short prompts only
+MEASURE_BUDGET_S = 1.0     # stop repeating one timing once it has taken this long (slow CPU cases)
+CALIB_ROWS = 256           # activation rows a bench linear's static input range is calibrated on
+CALIB_MAX_LEN = 256        # tokens per calibration prompt of the end-to-end quantization
+PATHS = ("bf16", "w8a8_dynamic", "w8a8_static")  # "bf16": F.linear in the model dtype (fp16 for an fp16 model)
+SPLITS = {"w8a8_dynamic": RowSplit(0, "dynamic"), "w8a8_static": RowSplit(0, "static")}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
+    return values
+
+
+def add_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model_path", help="float Hugging Face folder (quantized here with a short calibration)")
+    src.add_argument("--shape", choices=list(SHAPES), help="random Qwen3 weights of this shape")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of --shape (default: all of the shape)")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--m", type=int_list, default=None, help=f"linear rows M (default {','.join(map(str, DEFAULT_M))})")
+    p.add_argument("--max_m", type=int, default=None, help="skip larger M (default 8192 on CUDA, 1024 on CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per linear (default 50 CUDA, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 10 CUDA, 1 CPU)")
+    p.add_argument("--prompt_lens", type=int_list, default=None,
+                   help="prefill prompt lengths (default 128,2048; 128 on CPU for 8B-size shapes)")
+    p.add_argument("--batch_sizes", type=int_list, default=None, help="decode batch sizes (default 1,32)")
+    p.add_argument("--decode_tokens", type=int, default=32, help="tokens generated per sequence when decoding")
+    p.add_argument("--decode_prompt_len", type=int, default=128, help="prompt length of the decode sequences")
+    p.add_argument("--repeats", type=int, default=3, help="end-to-end runs per point; the median is kept")
+    p.add_argument("--calib_max_samples", type=int, default=8, help="calibration prompts of the quantization")
+    p.add_argument("--skip_linear", action="store_true", help="no linear-level microbenchmark")
+    p.add_argument("--skip_e2e", action="store_true", help="no end-to-end benchmark")
+    p.add_argument("--tmp_dir", default=None, help="where the temporary model folders go (default: the system's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="JSON to stdout (the table goes to stderr)")
+    p.add_argument("--output", default=None, help="write the JSON to this file")
+
+
+def log(msg: str) -> None:
+    print(f"[pdmix bench] {msg}", file=sys.stderr, flush=True)
+
+
+def sig(x: float) -> float:
+    """Four significant digits: readable JSON that never rounds a small positive time to 0."""
+    return float(f"{x:.4g}")
+
+
+# ---------------------------------------------------------------- settings and environment
+
+def command_line(args) -> str:
+    """The command as given, rebuilt from the parsed flags (works under cli.main(argv) too)."""
+    words = ["pdmix", "bench"]
+    for key, value in vars(args).items():
+        if key.startswith("_") or key == "command" or value is None or value is False:
+            continue
+        words.append(f"--{key}")
+        if isinstance(value, list):
+            words.append(",".join(map(str, value)))
+        elif value is not True:
+            words.append(str(value))
+    return shlex.join(words)
+
+
+def model_dims(args) -> dict:
+    """Shape of the model: from the named shape, or from the folder's config.json."""
+    if args.shape:
+        s = SHAPES[args.shape]
+        return dict(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                    num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
+                    vocab_size=s.get("vocab_size", 512), layers=args.layers or s["num_hidden_layers"], dtype="bfloat16")
+    from pdmix.models.config import load_config
+    cfg = load_config(args.model_path)
+    return dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
+                num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                layers=cfg.num_layers, dtype=str(cfg.dtype).removeprefix("torch."))
+
+
+def resolve_settings(args, device: torch.device, dims: dict) -> dict:
+    defaults = dict(DEFAULTS[device.type])
+    if device.type == "cpu" and dims["hidden_size"] >= BIG_HIDDEN:
+        defaults["prompt_lens"] = [128]
+    s = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    s.update(m=args.m or DEFAULT_M, decode_tokens=args.decode_tokens, decode_prompt_len=args.decode_prompt_len,
+             repeats=args.repeats, calib_max_samples=args.calib_max_samples)
+    for name in ("iters", "max_m", "repeats", "decode_prompt_len", "calib_max_samples"):
+        if s[name] < 1:
+            raise PdmixError(f"--{name} must be at least 1, got {s[name]}")
+    if s["warmup"] < 0:
+        raise PdmixError(f"--warmup must be at least 0, got {s['warmup']}")
+    if s["decode_tokens"] < 2:
+        raise PdmixError(f"--decode_tokens must be at least 2 (the first token comes from prefill), "
+                         f"got {s['decode_tokens']}")
+    return s
+
+
+def check_args(args) -> None:
+    if args.layers is not None and args.model_path:
+        raise PdmixError("--layers applies to --shape only")
+    if args.layers is not None and args.layers < 1:
+        raise PdmixError(f"--layers must be at least 1, got {args.layers}")
+    if args.skip_linear and args.skip_e2e:
+        raise PdmixError("--skip_linear and --skip_e2e together leave nothing to run")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def load_average() -> float | None:
+    """1-minute load average: CPU timings on a machine loaded past its cores are noise."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: reset the RSS high-water mark, so each engine's peak is its own
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak is then the process's since its start
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: CUDA max_memory_allocated, or the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # kB on Linux
+
+
+# ---------------------------------------------------------------- (a) linear level
+
+def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
+    """(n, k) of the fused linears of one decoder layer."""
+    h, inter = dims["hidden_size"], dims["intermediate_size"]
+    q, kv = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
+    return {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * inter, h), "down_proj": (h, inter)}
+
+
+def make_linear_pair(n: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """(float weight [n,k], the W8A8MixLinear quantized from it) on device. The static input range
+    is calibrated on a random activation sample drawn like the bench's inputs (see `activation`)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    sample = activation(CALIB_ROWS, k, dtype, torch.device("cpu"), seed + 1)
+    scale, offset = static_activation_params(sample.min().reshape(1), sample.max().reshape(1), dtype)
+    lin = W8A8MixLinear(vars(quantize_linear(w, None, scale, offset)), dtype, f"bench.{n}x{k}").to(device)
+    lin.kernels = kernels.get_backend(device)  # as the runtime's loader does
+    return w.to(device), lin
+
+
+def activation(m: int, k: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    """Standard normal rows, drawn on the device (a CPU draw of a large M x K is slow)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(m, k, generator=g, device=device).to(dtype)
+
+
+def run_path(path: str, x: torch.Tensor, w: torch.Tensor, lin: W8A8MixLinear) -> torch.Tensor:
+    return F.linear(x, w) if path == "bf16" else lin(x, SPLITS[path])
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def time_once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_time(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of up to `iters` calls (fewer once MEASURE_BUDGET_S is spent)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    while len(times) < iters and sum(times) < MEASURE_BUDGET_S:
+        times.append(time_once(fn, device))
+    return statistics.median(times)
+
+
+def bench_linear_case(layer: str, m: int, w: torch.Tensor, lin: W8A8MixLinear, s: dict, device, seed: int) -> dict:
+    n, k = w.shape
+    flop = 2 * m * n * k
+    x = activation(m, k, w.dtype, device, seed)
+    row, seconds = {"layer": layer, "m": m, "n": n, "k": k}, {}
+    with torch.inference_mode():
+        ref = run_path("bf16", x, w, lin)
+        for path in PATHS:
+            seconds[path] = t = median_time(lambda: run_path(path, x, w, lin), device, s["warmup"], s["iters"])
+            row[path] = {"ms": sig(t * 1e3), "tflops": sig(flop / t / 1e12)}
+            if path != "bf16":
+                row[path].update(speedup=sig(seconds["bf16"] / t), rel_err=sig(rel_err(run_path(path, x, w, lin), ref)))
+    return row
+
+
+def bench_linears(dims: dict, s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[list, list]:
+    rows, skipped = [], []
+    ms = [m for m in s["m"] if m <= s["max_m"]]
+    skipped += [{"layer": "*", "m": m, "reason": f"M > --max_m {s['max_m']}"} for m in s["m"] if m > s["max_m"]]
+    for i, (layer, (n, k)) in enumerate(linear_shapes(dims).items()):
+        log(f"linear {layer} n={n} k={k}: M {','.join(map(str, ms))}")
+        w, lin = make_linear_pair(n, k, dtype, device, seed + 10 * i)
+        for m in ms:
+            try:
+                rows.append(bench_linear_case(layer, m, w, lin, s, device, seed + 10 * i + 2))
+            except RuntimeError as e:  # out of memory, or a kernel that rejects this M
+                skipped.append({"layer": layer, "m": m, "reason": str(e).splitlines()[0][:200]})
+                free_memory(device)
+        del w, lin
+        free_memory(device)
+    return rows, skipped
+
+
+# ---------------------------------------------------------------- (b) end to end
+
+def check_disk(folder: Path, dims: dict, model_path: str | None) -> None:
+    """Refuse early when the float and quantized folders cannot fit (a real shape is tens of GB)."""
+    if model_path:
+        need = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))  # quantized <= float
+    else:
+        layer = sum(n * k for n, k in linear_shapes(dims).values())
+        embed = 2 * dims["vocab_size"] * dims["hidden_size"]
+        need = 2 * (dims["layers"] * layer + embed) + (dims["layers"] * layer + 2 * embed)  # float + int8
+    free = shutil.disk_usage(folder).free
+    if need * 1.05 > free:
+        raise PdmixError(f"the models need about {need / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB free; "
+                         "use fewer --layers or another --tmp_dir")
+
+
+def prepare_models(args, dims: dict, s: dict, device: torch.device, tmp: Path) -> tuple[Path, Path, float]:
+    """(float folder, quantized folder, quantization seconds)."""
+    from pdmix.quant.config import QuantConfig
+    from pdmix.quant.pipeline import quantize
+    from pdmix.synth import make_random_model
+
+    check_disk(tmp, dims, args.model_path)
+    if args.shape:
+        log(f"building random {args.shape} with {dims['layers']} layers in {tmp}")
+        float_dir = make_random_model(tmp / "float", "qwen3", args.shape, layers=dims["layers"], seed=args.seed)
+    else:
+        float_dir = Path(args.model_path)
+    check_positions(float_dir, s)
+    log(f"quantizing to W8A8_MIX ({s['calib_max_samples']} calibration prompts)")
+    t = time.perf_counter()
+    config = QuantConfig(calib_max_samples=s["calib_max_samples"], calib_max_len=CALIB_MAX_LEN,
+                         device=device.type, quiet=True)
+    quant_dir = quantize(float_dir, tmp / "w8a8", config)
+    return float_dir, quant_dir, time.perf_counter() - t
+
+
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int, repeats: int, key: str):
+    """Stats of the run with the median `key` time over `repeats` runs."""
+    from pdmix.runtime.sampling import SamplingParams
+
+    runs = []
+    for _ in range(repeats):
+        llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        runs.append(llm.stats)
+    return sorted(runs, key=lambda st: getattr(st, key))[len(runs) // 2]
+
+
+def prefill_point(llm, prompt, length: int, s: dict) -> dict:
+    st = timed_generate(llm, [prompt(length)], 1, s["repeats"], "prefill_s")
+    return {"prompt_len": length, "tokens_per_s": sig(st.prefill_tokens / st.prefill_s),
+            "ttft_ms": sig(st.prefill_s * 1e3)}
+
+
+def decode_point(llm, prompt, batch: int, s: dict) -> dict:
+    prompts = [prompt(s["decode_prompt_len"]) for _ in range(batch)]
+    st = timed_generate(llm, prompts, s["decode_tokens"], s["repeats"], "decode_s")
+    steps = st.decode_tokens / batch  # every sequence decodes in every step
+    return {"batch_size": batch, "prompt_len": s["decode_prompt_len"],
+            "tokens_per_s": sig(st.decode_tokens / st.decode_s), "tpot_ms": sig(st.decode_s / steps * 1e3),
+            "ttft_ms": sig(st.prefill_s * 1e3)}
+
+
+def bench_engine(folder: Path, s: dict, device: torch.device, seed: int) -> dict:
+    from pdmix.runtime.kv_cache import blocks_needed
+    from pdmix.runtime.llm import LLM
+
+    block = 128
+    # KV blocks for the largest point only, so the peak memory is what the benchmark needs.
+    num_blocks = max(max(s["batch_sizes"]) * blocks_needed(s["decode_prompt_len"] + s["decode_tokens"], block),
+                     blocks_needed(max(s["prompt_lens"]) + 1, block))
+    reset_peak_memory(device)
+    t = time.perf_counter()
+    llm = LLM(folder, block_size=block, max_batch_size=max(s["batch_sizes"]),
+              max_input_length=max(s["prompt_lens"] + [s["decode_prompt_len"]]),
+              max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device))
+    load_s = time.perf_counter() - t
+    g = torch.Generator().manual_seed(seed)
+    vocab = llm.cfg.vocab_size
+    prompt = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
+    timed_generate(llm, [prompt(8)], 2, 1, "prefill_s")  # warm-up: both activation paths, the tokenizer
+    result = {"load_s": sig(load_s),
+              "prefill": [prefill_point(llm, prompt, n, s) for n in s["prompt_lens"]],
+              "decode": [decode_point(llm, prompt, b, s) for b in s["batch_sizes"]]}
+    result["peak_mem_bytes"] = peak_memory(device)
+    del llm
+    free_memory(device)
+    return result
+
+
+def check_positions(folder: Path, s: dict) -> None:
+    from pdmix.models.config import load_config
+    limit = load_config(folder).max_position_embeddings
+    longest = max(s["prompt_lens"] + [s["decode_prompt_len"] + s["decode_tokens"]])
+    if longest > limit:
+        raise PdmixError(f"sequences of {longest} tokens exceed the model's max_position_embeddings {limit}")
+
+
+def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pdmix-bench-", dir=args.tmp_dir) as tmp:
+        float_dir, quant_dir, quant_s = prepare_models(args, dims, s, device, Path(tmp))
+        result = {"quantize_s": sig(quant_s)}
+        for name, folder in (("float", float_dir), ("pdmix", quant_dir)):
+            log(f"end to end: {name} engine")
+            try:
+                result[name] = bench_engine(folder, s, device, args.seed)
+            except RuntimeError as e:  # e.g. out of memory: keep the other engine's numbers
+                result[name] = {"error": str(e).splitlines()[0][:300]}
+                free_memory(device)
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+def linear_table(rows: list, skipped: list) -> list[str]:
+    head = (f"{'layer':<10}{'M':>6}{'N':>7}{'K':>7} |{'bf16 ms':>10}{'TFLOP/s':>10} |{'dyn ms':>10}{'TFLOP/s':>10}"
+            f"{'x':>8}{'err':>7} |{'sta ms':>10}{'TFLOP/s':>10}{'x':>8}{'err':>7}")
+    lines = ["linear level (W8A8 includes activation quantization; x = speed-up vs bf16; err = rel. error vs bf16)",
+             head, "-" * len(head)]
+    for r in rows:
+        cells = [f" {r['bf16']['ms']:>9.4g} {r['bf16']['tflops']:>9.3g}"]
+        for path in PATHS[1:]:
+            p = r[path]
+            cells.append(f" {p['ms']:>9.4g} {p['tflops']:>9.3g} {p['speedup']:>6.2f}x {p['rel_err']:>6.1%}")
+        lines.append(f"{r['layer']:<10}{r['m']:>6}{r['n']:>7}{r['k']:>7} |" + " |".join(cells))
+    lines += [f"skipped {x['layer']} M={x['m']}: {x['reason']}" for x in skipped]
+    return lines
+
+
+def e2e_table(e2e: dict, mem_kind: str) -> list[str]:
+    lines = ["end to end (prompt rows W8A8 dynamic, decode rows static)",
+             f"{'':<16}{'float tok/s':>12}{'pdmix tok/s':>12}{'x':>7}{'float ms':>10}{'pdmix ms':>10}"]
+    engines = [e2e[name] for name in ("float", "pdmix")]
+    for name, eng in zip(("float", "pdmix"), engines):
+        if "error" in eng:
+            lines.append(f"{name} engine failed: {eng['error']}")
+    if any("error" in eng for eng in engines):
+        return lines
+    for part, key, metric in (("prefill", "prompt_len", "ttft_ms"), ("decode", "batch_size", "tpot_ms")):
+        for f, p in zip(engines[0][part], engines[1][part]):
+            label = f"{part} {'L' if part == 'prefill' else 'B'}={f[key]}"
+            lines.append(f"{label:<16}{f['tokens_per_s']:>12.1f}{p['tokens_per_s']:>12.1f}"
+                         f"{p['tokens_per_s'] / f['tokens_per_s']:>6.2f}x{f[metric]:>10.4g}{p[metric]:>10.4g}"
+                         f"  ({metric.split('_')[0].upper()})")
+    lines.append(f"{'peak ' + mem_kind:<16}" + "".join(f"{e['peak_mem_bytes'] / 2**30:>11.2f}G" for e in engines))
+    return lines
+
+
+def format_table(result: dict) -> str:
+    lines = [f"pdmix bench: {result['shape'] or result['model_path']}, {result['layers']} layers, {result['dtype']}, "
+             f"{result['device_name']} ({result['kernel_backend']})"]
+    load, cores = result["load_avg_start"], result["cpu_count"]
+    if result["device"] == "cpu" and load is not None and load + result["torch_threads"] > cores + 0.5:
+        lines.append(f"warning: load average {load} before the run, {result['torch_threads']} torch threads on "
+                     f"{cores} cores: timings include waits for a CPU")
+    if "linear" in result:
+        lines += [""] + linear_table(result["linear"], result["linear_skipped"])
+    if "e2e" in result:
+        mem = "GPU mem" if result["device"] == "cuda" else "RSS"
+        lines += ["", f"quantization: {result['e2e']['quantize_s']:.1f} s"] + e2e_table(result["e2e"], mem)
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from pdmix.runtime.llm import resolve_device
+
+    check_args(args)
+    command = command_line(args)
+    device = resolve_device(args.device)
+    dims = model_dims(args)
+    s = resolve_settings(args, device, dims)
+    dtype = getattr(torch, dims["dtype"])
+    result = {
+        "command": command, "device": device.type, "device_name": device_name(device),
+        "torch": torch.__version__, "triton": triton_version(),
+        "kernel_backend": kernels.get_backend(device).__name__,
+        "shape": args.shape, "model_path": args.model_path, "layers": dims["layers"], "dtype": dims["dtype"],
+        "dims": {k: v for k, v in dims.items() if k not in ("layers", "dtype")},
+        "settings": s,
+        "peak_mem_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss",
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_start": load_average(),
+    }
+    if not args.skip_linear:
+        result["linear"], result["linear_skipped"] = bench_linears(dims, s, device, dtype, args.seed)
+    if not args.skip_e2e:
+        result["e2e"] = bench_e2e(args, dims, s, device)
+    result["load_avg_end"] = load_average()
+    text = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    table = format_table(result)
+    if args.json:
+        print(text)
+        print(table, file=sys.stderr)
+    else:
+        print(table)
+    return 0

@@ -1,0 +1,44 @@
+"""The whole causal LM: embeddings, decoder layers, final norm, lm_head.
+
+A forward runs the rows of every sequence of a step flattened into one [T] batch; attention is
+injected (`attn(layer, q, k, v)`) and `split` says which rows take which W8A8 path.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdmix.models.config import ModelConfig
+from pdmix.models.layers import DecoderLayer, RMSNorm, Rotary
+from pdmix.models.linear import RowSplit
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        # tied embeddings share one tensor
+        self.lm_head = self.embed_tokens if lm_head is embed else nn.Parameter(lm_head, requires_grad=False)
+        self.rotary = Rotary(cfg, embed.device)
+
+    def to(self, device):
+        self.rotary.to(device)
+        return super().to(device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, split: RowSplit | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden] (after the last norm)."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary(positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn, split)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of some rows, computed in the model dtype as Hugging Face does."""
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,1 @@
+"""The inference runtime: checkpoint loading, paged KV cache, continuous batching, tensor parallelism."""

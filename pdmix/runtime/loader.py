@@ -1,0 +1,135 @@
+"""Build a CausalLM from a checkpoint folder: a W8A8_MIX directory (pdmix's or msModelSlim's,
+single file or sharded) or a plain bf16/fp16 Hugging Face folder, sharded for tensor parallelism.
+
+Each linear is built by its scheme, as the description labels it: W8A8_MIX -> W8A8MixLinear,
+FLOAT (or a float checkpoint) -> FloatLinear. Every bias the files carry is applied (SPEC §6).
+"""
+
+import sys
+
+import torch
+from torch import nn
+
+from pdmix import kernels
+from pdmix.errors import PdmixError
+from pdmix.format.description import is_quant_checkpoint, read_description
+from pdmix.format.names import (COLUMN_PARALLEL, DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE, ATTN_LINEARS,
+                                MLP_LINEARS, linear_prefix)
+from pdmix.format.reader import SafetensorsFolder
+from pdmix.kernels.reference import recover_bias
+from pdmix.models.config import ModelConfig
+from pdmix.models.layers import DecoderLayer, RMSNorm, layer_norms
+from pdmix.models.linear import FloatLinear, W8A8MixLinear
+from pdmix.models.model import CausalLM
+from pdmix.quant.arithmetic import decode_deq_scale
+from pdmix.runtime import tp as tpm
+from pdmix.runtime.tp import TP
+
+# tensors of a quantized linear sharded on dim 0 by a column-parallel layer (input_* are per tensor)
+PER_CHANNEL = ("weight", "weight_scale", "weight_offset", "deq_scale", "quant_bias")
+
+
+def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalLM:
+    tpm.check_divisible(cfg, tp.size)
+    quantized = is_quant_checkpoint(cfg.folder)
+    reader = SafetensorsFolder(cfg.folder, quantized)
+    types = check_description(cfg.folder, reader) if quantized else {}
+    get = tensor_getter(reader, cfg.dtype)
+    layers = []
+    for i in range(cfg.num_layers):
+        linears = {n: build_linear(cfg, get, reader, types, linear_prefix(i, n), tp) for n in ATTN_LINEARS + MLP_LINEARS}
+        norms = layer_norms(cfg, i, get, reader.__contains__)
+        layers.append(DecoderLayer(cfg, i, linears, norms, tp.size).to(device))
+    embed = get("model.embed_tokens.weight").to(device)
+    tied = cfg.tie_word_embeddings and "lm_head.weight" not in reader
+    lm_head = embed if tied else get("lm_head.weight").to(device)
+    norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
+    norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
+    backend = kernels.get_backend(device)
+    quant_linears = [m for layer in layers for m in layer.modules() if isinstance(m, W8A8MixLinear)]
+    for m in quant_linears:
+        m.kernels = backend
+    if tp.is_main:
+        kind = f"W8A8_MIX, {len(quant_linears)} of {7 * cfg.num_layers} linears quantized" if quantized else "float"
+        print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
+              file=sys.stderr)
+    return CausalLM(cfg, embed, layers, norm, lm_head).to(device)
+
+
+def tensor_getter(reader: SafetensorsFolder, dtype: torch.dtype):
+    """reader.get, except that float weights take the model dtype (as transformers loads them);
+    biases keep theirs (m4 norm biases are fp32)."""
+    def get(name: str) -> torch.Tensor:
+        t = reader.get(name)
+        return t.to(dtype) if name.endswith(".weight") and t.is_floating_point() else t
+    return get
+
+
+def check_description(folder, reader: SafetensorsFolder) -> dict[str, str]:
+    """The description's tensor types, after checking it names exactly the tensors in the files."""
+    _, types = read_description(folder)
+    in_files = set(reader.names())
+    missing = [n for n in types if n not in in_files]
+    extra = [n for n in reader.names() if n not in types]
+    if missing:
+        raise PdmixError(f"{folder}: {len(missing)} tensor(s) of {DESCRIPTION_FILE} missing from the weight files, e.g. {missing[0]}")
+    if extra:
+        raise PdmixError(f"{folder}: {len(extra)} tensor(s) in the weight files not in {DESCRIPTION_FILE}, e.g. {extra[0]}")
+    for name, kind in types.items():
+        prefix, _, suffix = name.rpartition(".")
+        if kind == QUANT_TYPE and suffix == "weight":
+            for s in QUANT_SUFFIXES:
+                if f"{prefix}.{s}" not in types:
+                    raise PdmixError(f"{folder}: quantized linear {prefix} has no {s} tensor")
+    return types
+
+
+def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    q, kv, h, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}[name]
+
+
+def build_linear(cfg: ModelConfig, get, reader: SafetensorsFolder, types: dict[str, str], prefix: str,
+                 tp: TP) -> nn.Module:
+    name = prefix.rpartition(".")[2]
+    weight = get(prefix + ".weight")
+    if tuple(weight.shape) != expected_shape(cfg, name):
+        raise PdmixError(f"{prefix}.weight: shape {list(weight.shape)}, expected {list(expected_shape(cfg, name))} from config.json")
+    column = name in COLUMN_PARALLEL
+    if types.get(prefix + ".weight") == QUANT_TYPE:
+        t = {s: get(f"{prefix}.{s}") for s in QUANT_SUFFIXES[1:]}
+        return w8a8_linear(cfg, dict(t, weight=weight), prefix, column, tp)
+    bias = get(prefix + ".bias") if prefix + ".bias" in reader else None
+    return float_linear(weight, bias, prefix, column, tp)
+
+
+def float_linear(weight, bias, prefix: str, column: bool, tp: TP) -> FloatLinear:
+    if not weight.is_floating_point():
+        raise PdmixError(f"{prefix}.weight: {weight.dtype} but not labelled {QUANT_TYPE} in {DESCRIPTION_FILE}")
+    if tp.size > 1:
+        weight = tpm.shard(weight, 0 if column else 1, tp)
+        bias = tpm.shard(bias, 0, tp) if column and bias is not None else bias
+    lin = FloatLinear(weight, bias)
+    if tp.size > 1 and not column:
+        lin.reduce = tpm.all_reduce_sum
+    return lin
+
+
+def w8a8_linear(cfg: ModelConfig, t: dict[str, torch.Tensor], prefix: str, column: bool, tp: TP) -> W8A8MixLinear:
+    """A stored float `bias` is not used: quant_bias already carries it, and the dynamic path
+    recovers bias_float from quant_bias (which also holds the smoothing shift of SPEC §6)."""
+    bias_float = None
+    if tp.size > 1 and column:
+        t = {s: tpm.shard(v, 0, tp) if s in PER_CHANNEL else v for s, v in t.items()}
+    elif tp.size > 1:
+        # pdmix all-reduces the int32 accumulator and applies the full epilogue on every rank, so
+        # bias_float comes from the full weight (sum over all of k) and per-channel tensors stay whole.
+        bias_float = recover_bias(decode_deq_scale(t["deq_scale"]).reshape(-1), t["quant_bias"].reshape(-1),
+                                  t["input_offset"].to(torch.float32).reshape(()), t["weight"])
+        t = dict(t, weight=tpm.shard(t["weight"], 1, tp))
+    lin = W8A8MixLinear(t, cfg.dtype, prefix, bias_float)
+    if tp.size > 1 and not column:
+        lin.reduce, lin.reduce_max = tpm.all_reduce_sum, tpm.all_reduce_max
+    return lin
+

@@ -1,0 +1,77 @@
+"""Sampling parameters (vLLM's names) and the sampler: greedy unless a temperature is given."""
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmix.errors import PdmixError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0      # 0: greedy
+    top_k: int = 0                # 0 or -1: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    return_logits: bool = False   # keep the fp32 logits each output token was sampled from
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise PdmixError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise PdmixError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PdmixError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise PdmixError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """Hugging Face's rule: a seen token's logit is divided by the penalty if positive, else multiplied."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = torch.tensor(sorted(set(seen)), device=logits.device)
+    picked = logits[idx]
+    logits = logits.clone()
+    logits[idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens before it already reach top_p (the first is always kept)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator | None) -> int:
+    """One token from fp32 logits [vocab] of one sequence."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(logits.argmax())
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    if params.seed is None:
+        g.seed()
+    else:
+        g.manual_seed(params.seed)
+    return g

@@ -1,0 +1,106 @@
+"""`pdmix bench`: one small end-to-end run, and the correctness of the W8A8 linear it times."""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdmix import bench, kernels
+from pdmix.cli import main
+
+SMOKE = ["bench", "--shape", "tiny", "--layers", "2", "--m", "1,16", "--prompt_lens", "16", "--batch_sizes", "1,2",
+         "--decode_tokens", "4", "--device", "cpu", "--json"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One run for the module's tests (module scope, so no capsys: stdout/stderr redirected by hand)."""
+    out_file = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(SMOKE + ["--output", str(out_file)])
+    return rc, stdout.getvalue(), stderr.getvalue(), out_file
+
+
+def positive_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from positive_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from positive_numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_smoke_run_writes_complete_json_and_a_table(smoke):
+    rc, out, err, out_file = smoke
+    assert rc == 0
+    result = json.loads(out)
+    assert json.loads(out_file.read_text()) == result
+    for key in ("command", "device", "device_name", "torch", "triton", "kernel_backend", "shape", "layers", "dtype",
+                "dims", "settings", "linear", "linear_skipped", "e2e", "peak_mem_kind", "cpu_count", "torch_threads",
+                "load_avg_start", "load_avg_end"):
+        assert key in result, key
+    assert result["command"].startswith("pdmix bench --shape tiny --layers 2 --device cpu --m 1,16")
+    assert (result["device"], result["shape"], result["layers"], result["dtype"]) == ("cpu", "tiny", 2, "bfloat16")
+    assert result["torch"] == torch.__version__ and result["kernel_backend"] == "pdmix.kernels.reference"
+    assert all(x > 0 for x in positive_numbers({k: result[k] for k in ("dims", "settings", "linear", "e2e")}))
+
+    assert {(r["layer"], r["m"]) for r in result["linear"]} == {
+        (layer, m) for layer in ("qkv", "o_proj", "gate_up", "down_proj") for m in (1, 16)}
+    assert result["linear_skipped"] == []
+    qkv = next(r for r in result["linear"] if r["layer"] == "qkv")
+    assert (qkv["n"], qkv["k"]) == ((4 + 2 * 2) * 16, 64)
+    for row in result["linear"]:
+        assert set(row["bf16"]) == {"ms", "tflops"}
+        for path in ("w8a8_dynamic", "w8a8_static"):
+            assert set(row[path]) == {"ms", "tflops", "speedup", "rel_err"}
+            assert row[path]["rel_err"] < 0.05
+            flop = 2 * row["m"] * row["n"] * row["k"]
+            assert row[path]["tflops"] == pytest.approx(flop / (row[path]["ms"] * 1e-3) / 1e12, rel=1e-2)
+
+    for engine in ("float", "pdmix"):
+        e = result["e2e"][engine]
+        assert [p["prompt_len"] for p in e["prefill"]] == [16]
+        assert [p["batch_size"] for p in e["decode"]] == [1, 2]
+        assert set(e["prefill"][0]) == {"prompt_len", "tokens_per_s", "ttft_ms"}
+        assert set(e["decode"][0]) == {"batch_size", "prompt_len", "tokens_per_s", "tpot_ms", "ttft_ms"}
+        assert e["peak_mem_bytes"] > 2**20
+    assert "linear level" in err and "end to end" in err and "decode B=2" in err
+
+
+@pytest.mark.parametrize("n,k", [(128, 64), (512, 1024)])
+def test_bench_linear_computes_what_bf16_computes(n, k):
+    """The timed W8A8 computation is correct: both paths within 5% of bf16 F.linear on one input."""
+    cpu = torch.device("cpu")
+    w, lin = bench.make_linear_pair(n, k, torch.bfloat16, cpu, seed=3)
+    assert lin.kernels is kernels.get_backend(cpu)
+    x = torch.randn(33, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    ref = F.linear(x, w).float()
+    for path in ("w8a8_dynamic", "w8a8_static"):
+        y = bench.run_path(path, x, w, lin)
+        assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert err < 0.05, (path, err)
+    assert torch.equal(bench.run_path("bf16", x, w, lin), F.linear(x, w))
+
+
+def test_linear_shapes_follow_the_model():
+    dims = dict(hidden_size=5120, intermediate_size=17408, num_heads=40, num_kv_heads=8, head_dim=128)
+    assert bench.linear_shapes(dims) == {"qkv": (7168, 5120), "o_proj": (5120, 5120), "gate_up": (34816, 5120),
+                                         "down_proj": (5120, 17408)}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--shape", "tiny", "--decode_tokens", "1"], "--decode_tokens must be at least 2"),
+    (["--model_path", "/nonexistent", "--layers", "2"], "--layers applies to --shape only"),
+    (["--shape", "tiny", "--skip_linear", "--skip_e2e"], "nothing to run"),
+])
+def test_bad_flags_are_one_line_errors(capsys, extra, message):
+    assert main(["bench", "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pdmix: error:") and message in err

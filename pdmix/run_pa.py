@@ -115,6 +115,7 @@ def run(args) -> int:
               max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device)
     try:
         questions, prompts = build_prompts(args, llm)
+        llm.warmup()
         outputs = llm.generate(prompts, params)
         if llm.tp.is_main:
             for i, (q, out) in enumerate(zip(questions, outputs)):

@@ -13,8 +13,11 @@ TINY = torch.finfo(torch.float32).tiny
 
 def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """[m,k] int8 @ [k,n] int8 -> [m,n] int32, exact."""
-    if x_q.shape[0] == 0:
+    m = x_q.shape[0]
+    if m == 0:
         return torch.zeros((0, weight_t.shape[1]), dtype=torch.int32, device=x_q.device)
+    if x_q.is_cuda and m <= 16:  # cuBLASLt's int8 GEMM in torch._int_mm needs more than 16 rows
+        return torch._int_mm(torch.nn.functional.pad(x_q, (0, 0, 0, 17 - m)), weight_t)[:m]
     return torch._int_mm(x_q, weight_t)
 
 

@@ -105,6 +105,13 @@ class LLM:
         self.engine.run(seqs)
         return [self.output(prompt, seq) for prompt, seq in zip(prompts, seqs)]
 
+    def warmup(self, prompt_len: int = 16, decode_steps: int = 2) -> None:
+        """One short prefill and a few decode steps, so one-time initialisation (kernel selection,
+        first allocations) is not counted in the first request's timings."""
+        self.generate([[0] * min(prompt_len, self.max_input_length)],
+                      SamplingParams(max_tokens=decode_steps, ignore_eos=True))
+        self.engine.stats = Stats()
+
     def check_prompt(self, ids: list[int], limit_length: bool = True) -> None:
         if not ids:
             raise PdmixError("empty prompt")

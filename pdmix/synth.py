@@ -76,7 +76,7 @@ def make_random_model(folder, arch: str = "qwen3", shape: str | dict = "tiny", d
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or h // heads
     g = torch.Generator().manual_seed(seed)
-    weight_map, files = {}, []
+    weight_map = {}
 
     def norm(n):
         w = 1.0 + 0.1 * torch.randn(n, generator=g)

@@ -1,7 +1,6 @@
 """The quantizer against SPEC §4 written out independently here, and its handling of bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

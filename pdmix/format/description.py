@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.jsonfile import read_json_object
 from pdmix.format.names import DESCRIPTION_FILE, FLOAT, LEGACY_QUANT_TYPES, QUANT_TYPE, VERSION
 
 HEADER_KEYS = ("model_quant_type", "version")
@@ -24,14 +25,7 @@ def write_description(folder: Path, tensor_types: dict[str, str]) -> None:
 def read_description(folder: Path) -> tuple[dict, dict[str, str]]:
     """Returns (header, {tensor name: type}); legacy "W8A8" labels are read as W8A8_MIX."""
     path = Path(folder) / DESCRIPTION_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PdmixError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PdmixError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise PdmixError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     header = {k: raw[k] for k in HEADER_KEYS if k in raw}
     types = {}
     for name, kind in raw.items():

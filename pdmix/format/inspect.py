@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pdmix.errors import PdmixError
+from pdmix.jsonfile import read_json_object
 from pdmix.format.description import read_description
 from pdmix.format.names import (ATTN_LINEARS, DESCRIPTION_FILE, FLOAT, INDEX_FILE, INPUT_GROUPS, MLP_LINEARS,
                                 QUANT_SUFFIXES, QUANT_TYPE, WEIGHT_FILE)
@@ -32,15 +33,7 @@ LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 def _check_config(folder: Path) -> torch.dtype | None:
     """config.json must exist and parse; returns the model dtype it declares, if any."""
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PdmixError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PdmixError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise PdmixError(f"{path}: expected a JSON object")
+    config = read_json_object(folder / "config.json")
     return CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype"))
 
 

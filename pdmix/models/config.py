@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pdmix.errors import PdmixError
+from pdmix.jsonfile import read_json_object
 
 # architecture -> (q/k/v bias by design, q_norm/k_norm)
 SUPPORTED_ARCHS = {
@@ -57,12 +58,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     path = folder / "config.json"
     if not folder.is_dir():
         raise PdmixError(f"{folder}: not a directory")
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PdmixError(f"{path}: missing (not a Hugging Face model folder?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PdmixError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json_object(path, " (not a Hugging Face model folder?)")
     archs = raw.get("architectures") or []
     arch = archs[0] if archs else raw.get("model_type", "?")
     if arch not in SUPPORTED_ARCHS:

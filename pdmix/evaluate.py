@@ -101,7 +101,9 @@ def greedy_agreement(quant_llm, float_llm, n_prompts: int, new_tokens: int) -> d
 
 
 def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_frac=0.5, compare=None,
-             data_range=(0.0, 1.0), agreement_prompts=20, agreement_tokens=64, device="cpu", quiet=False) -> dict:
+             data_range=(0.0, 1.0), agreement_prompts=20, agreement_tokens=64, device="cpu", quiet=False,
+             float_ppl: float | None = None) -> dict:
+    """float_ppl: the compare model's perplexity on the same windows, when already known."""
     from tqdm import tqdm
 
     from pdmix.runtime.llm import LLM
@@ -114,13 +116,16 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
               "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "prefill_frac": prefill_frac,
               "device": str(llm.device), "ppl": {}}
     t0 = time.time()
-    with tqdm(total=len(windows) * (len(modes) + bool(compare)), desc="eval", unit="window", disable=quiet,
+    with tqdm(total=len(windows) * (len(modes) + bool(compare and float_ppl is None)), desc="eval", unit="window",
+              disable=quiet,
               file=sys.stderr) as bar:
         for mode in modes:
             result["ppl"][mode] = perplexity(llm, windows, mode, prefill_frac, bar)
         if compare:
-            float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device)
-            base = perplexity(float_llm, windows, "float", prefill_frac, bar)
+            float_llm = None
+            if float_ppl is None or agreement_prompts:
+                float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device)
+            base = perplexity(float_llm, windows, "float", prefill_frac, bar) if float_ppl is None else float_ppl
             result["compare"] = {"float_model": str(compare), "float_ppl": base,
                                  "delta": {m: p / base - 1 for m, p in result["ppl"].items()}}
             if agreement_prompts:

@@ -1,0 +1,145 @@
+"""The accuracy table of docs/accuracy.md, end to end: anyone can rerun it.
+
+SmolLM2-135M-Instruct (fetched by pdmix), WikiText-2 valid: calibrate on the first quarter of its
+tokens, evaluate perplexity on the rest (ctx 512, non-overlapping windows) through the pdmix
+runtime, for float and each recipe in {none, smooth, m4} x {minmax, mse} x {L0, L10, auto}, per
+path (dynamic, static, pdmix). Greedy-token agreement with float (20 chat prompts, 64 new tokens)
+for the recipes named by --agreement.
+
+    python scripts/accuracy_table.py --out out/accuracy --windows 20
+"""
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+ANTI = ("none", "smooth", "m4")
+OBSERVERS = ("minmax", "mse")
+LEVELS = ("L0", "L10", "auto:1")
+
+
+def write_calibration(tokenizer, data: Path, path: Path, samples: int, tokens: int) -> None:
+    """`samples` prompts of `tokens` tokens, evenly spaced over the first quarter of the data's tokens."""
+    ids = tokenizer(data.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    quarter = ids[: len(ids) // 4]
+    step = max(tokens, (len(quarter) - tokens) // max(samples - 1, 1))
+    with open(path, "w") as f:
+        for start in range(0, len(quarter) - tokens + 1, step)[:samples]:
+            f.write(json.dumps({"inputs_pretokenized": tokenizer.decode(quarter[start:start + tokens])}) + "\n")
+
+
+def recipe_name(anti, observer, level) -> str:
+    return f"{anti}-{observer}-{level.replace(':', '')}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "out" / "accuracy"))
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calib_samples", type=int, default=32)
+    ap.add_argument("--calib_tokens", type=int, default=256)
+    ap.add_argument("--anti", nargs="+", default=list(ANTI))
+    ap.add_argument("--observers", nargs="+", default=list(OBSERVERS))
+    ap.add_argument("--levels", nargs="+", default=list(LEVELS))
+    ap.add_argument("--agreement", nargs="*", default=[], help="recipe names to measure greedy agreement for")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "accuracy.md"))
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from pdmix.evaluate import evaluate
+    from pdmix.fetch import fetch_model
+    from pdmix.quant.config import QuantConfig
+    from pdmix.quant.pipeline import quantize
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = fetch_model("smollm2", quiet=True)
+    calib = out / "calib.jsonl"
+    if not calib.exists():
+        write_calibration(AutoTokenizer.from_pretrained(model), Path(args.data), calib, args.calib_samples,
+                          args.calib_tokens)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    common = dict(data=args.data, ctx=args.ctx, max_windows=args.windows, data_range=(0.25, 1.0), quiet=True)
+
+    if "float" not in results:
+        results["float"] = evaluate(model, **common)
+        results_path.write_text(json.dumps(results, indent=1))
+    for anti, observer, level in itertools.product(args.anti, args.observers, args.levels):
+        name = recipe_name(anti, observer, level)
+        if name in results and (name not in args.agreement or "greedy_agreement" in results[name].get("compare", {})):
+            continue
+        ckpt = out / name
+        t0 = time.time()
+        if not (ckpt / "quant_model_description.json").exists():
+            quantize(model, ckpt, QuantConfig(anti_method=anti, observer=observer, disable_level=level,
+                                              calib_file=str(calib), calib_max_samples=args.calib_samples,
+                                              calib_max_len=args.calib_tokens, quiet=True), overwrite=True)
+        quant_s = time.time() - t0
+        res = evaluate(ckpt, compare=model, agreement_prompts=20 if name in args.agreement else 0,
+                       float_ppl=results["float"]["ppl"]["float"], **common)
+        res["quantize_s"] = round(quant_s, 1)
+        res["float_linears"] = count_float_linears(ckpt)
+        results[name] = res
+        results_path.write_text(json.dumps(results, indent=1))
+        d = res["compare"]["delta"]
+        print(f"{name:24s} dyn {d['dynamic']:+.2%} sta {d['static']:+.2%} pdmix {d['pdmix']:+.2%} "
+              f"({res['float_linears']} float linears, quant {quant_s:.0f}s)", file=sys.stderr, flush=True)
+    write_doc(results, args, Path(args.doc), model)
+    return 0
+
+
+def count_float_linears(ckpt: Path) -> int:
+    desc = json.loads((ckpt / "quant_model_description.json").read_text())
+    return sum(1 for k, v in desc.items() if v == "FLOAT" and ".layers." in k and k.endswith("_proj.weight"))
+
+
+def agreement(g: dict | None) -> str:
+    return f"{g['rate']:.1%} of {g['tokens']}" if g else ""
+
+
+def write_doc(results: dict, args, doc: Path, model: Path) -> None:
+    f = results["float"]
+    base = f["ppl"]["float"]
+    lines = [
+        "# Accuracy: W8A8 PD-mix on SmolLM2-135M-Instruct",
+        "",
+        f"Made by `python scripts/accuracy_table.py --windows {args.windows}` "
+        f"({platform.machine()}, {os.cpu_count()} cores, CPU, torch bf16).",
+        f"Model: SmolLM2-135M-Instruct (`pdmix fetch smollm2`). Data: WikiText-2 valid (`{Path(args.data).name}`): "
+        f"calibration = {args.calib_samples} prompts of {args.calib_tokens} tokens evenly spaced over the first "
+        f"quarter of its tokens; evaluation = {f['windows']} non-overlapping windows of {f['ctx']} tokens from the "
+        f"rest ({f['tokens']} predicted tokens). Perplexity through the pdmix runtime; `pdmix` mode = first half "
+        f"of each window prefill (dynamic per token), second half teacher-forced through the decode path (static).",
+        "",
+        f"**Float perplexity: {base:.4f}**",
+        "",
+        "| anti-outlier | observer | rollback | float linears | dynamic ppl | static ppl | pdmix ppl | "
+        "Δ dynamic | Δ static | Δ pdmix | greedy agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name == "float":
+            continue
+        anti, observer, level = name.split("-")
+        p, d = r["ppl"], r["compare"]["delta"]
+        g = r["compare"].get("greedy_agreement")
+        lines.append(f"| {anti} | {observer} | {level} | {r.get('float_linears', '')} | {p['dynamic']:.4f} | "
+                     f"{p['static']:.4f} | {p['pdmix']:.4f} | {d['dynamic']:+.2%} | {d['static']:+.2%} | "
+                     f"{d['pdmix']:+.2%} | {agreement(g)} |")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,6 @@ calibration forward and turns what it saw into (input_scale, input_offset) per S
 
 import torch
 
-from pdmix.kernels.reference import quantize_static
 from pdmix.quant.arithmetic import static_activation_params
 
 
@@ -27,14 +26,20 @@ class MinMaxObserver:
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """numpy's default ('linear') quantile of all of x, by selection: torch.quantile refuses > 2^24 values."""
+    """numpy's default ('linear') quantile of all of x. By partial sort from the nearer end: cheap
+    for the tails a percentile asks for, and torch.quantile refuses more than 2^24 values."""
     x = x.reshape(-1).to(torch.float32)
-    h = (x.numel() - 1) * q
+    n = x.numel()
+    h = (n - 1) * q
     lo = int(h)
-    a = torch.kthvalue(x, lo + 1).values
-    if lo + 1 >= x.numel():
-        return a
-    return a + (h - lo) * (torch.kthvalue(x, lo + 2).values - a)
+    hi = min(lo + 1, n - 1)
+    if lo < n - 1 - hi:
+        smallest = x.topk(hi + 1, largest=False).values  # ascending
+        a, b = smallest[lo], smallest[hi]
+    else:
+        largest = x.topk(n - lo).values  # descending: largest[j] is the (n-1-j)-th smallest
+        a, b = largest[n - 1 - lo], largest[n - 1 - hi]
+    return a + (h - lo) * (b - a)
 
 
 class PercentileObserver(MinMaxObserver):
@@ -49,16 +54,19 @@ class PercentileObserver(MinMaxObserver):
 
 
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x quantized as the static path does (SPEC §5) and dequantized, fp32."""
-    return (quantize_static(x, scale, offset).to(torch.float32) - offset.float()) * scale.float()
+    """x (fp32) through the static path's quantizer (SPEC §5, as kernels.reference.quantize_static)
+    and back. Stays in float: an int8 round trip would make the mse search several times slower."""
+    scale, offset = scale.float(), offset.float()
+    return (torch.round(x / scale + offset).clamp_(-128, 127) - offset) * scale
 
 
 class MSEObserver(MinMaxObserver):
     """The minmax range shrunk by the factor c in GRID that minimises the mean squared static
     fake-quant error over the calibration activations.
 
-    Memory is bounded: each forward keeps at most `max_samples` of its values (a random sample,
-    plus its exact min and max) besides its min and max.
+    Memory is bounded: each forward keeps its exact min and max (the range, as minmax) and at most
+    `max_samples` of its values, drawn at random, for the error. The extremes are not added to the
+    sample: that would weight them far above their frequency and bias the search against clipping.
     """
 
     GRID = tuple(i / 100 for i in range(100, 0, -1))  # c = 1.00, 0.99, ..., 0.01; ties go to the larger c
@@ -73,8 +81,7 @@ class MSEObserver(MinMaxObserver):
         super().update(x)
         flat = x.reshape(-1)
         if flat.numel() > self.max_samples:
-            idx = torch.randint(flat.numel(), (self.max_samples,), generator=self.gen)
-            flat = torch.cat([flat[idx], self.mins[-1].reshape(1), self.maxs[-1].reshape(1)])
+            flat = flat[torch.randint(flat.numel(), (self.max_samples,), generator=self.gen)]
         self.samples.append(flat.to(torch.float32))
 
     def params(self, dtype):

@@ -4,8 +4,8 @@ Each linear-input group X, read by linears y = X W^T + b, is rewritten exactly a
 
     X' = (X - z) / s        W' = W diag(s)        b' = b + W z
 
-with a per-channel scale s = r^alpha / max|W|^(1 - alpha) (r: the channel's activation half-range)
-and, for m4, a per-channel shift z (the centre of the channel's range). X' is made by the tensor
+with a per-channel scale s = r^alpha / max|W|^(1 - alpha) (r: the channel's absmax; with a shift,
+its half-range) and, for m4, a per-channel shift z (the centre of the channel's range). X' is made by the tensor
 that produces X, whose output channel c becomes (c - z) / s:
   - qkv, gate_up: the RMSNorm before them (y = rmsnorm(x) * w + b): w' = w / s, b' = (b - z) / s;
   - o: v_proj's rows. Attention output rows are convex combinations of v rows, so a shift of v
@@ -85,10 +85,10 @@ class ForwardSample:
     def of(cls, x: torch.Tensor, n_random: int = 32, n_top: int = 8, generator=None) -> "ForwardSample":
         """Up to n_random rows at random plus the n_top rows of largest |x| (the ones clipping hurts)."""
         x = x.reshape(-1, x.shape[-1])
-        pick = torch.randperm(x.shape[0], generator=generator)[:n_random]
+        pick = torch.randperm(x.shape[0], generator=generator)[:n_random].to(x.device)
         top = x.abs().amax(dim=1).topk(min(n_top, x.shape[0])).indices
         x32 = x.to(torch.float32)
-        return cls(x32.amin(0), x32.amax(0), x[torch.cat([pick, top]).unique()].clone())
+        return cls(x32.amin(0), x32.amax(0), x[torch.cat([pick, top]).unique()])
 
 
 @dataclass
@@ -143,11 +143,11 @@ def cross_validated_error(g: GroupInput, forwards: list[ForwardSample], alpha: f
     for k in range(folds):
         test = forwards[k::folds]
         train = [f for i, f in enumerate(forwards) if i % folds != k] or test
-        fmin, fmax = torch.stack([f.min for f in train]), torch.stack([f.max for f in train])
+        fmin, fmax = (torch.stack([getattr(f, a) for f in train]).to(g.w.device) for a in ("min", "max"))
         z, s = g.input_plan(fmin.amin(0), fmax.amax(0), alpha)
         scale, offset = static_activation_params(((fmin - z) / s).amin(1), ((fmax - z) / s).amax(1),
                                                  test[0].rows.dtype)
-        x = (torch.cat([f.rows for f in test]).float() - z) / s
+        x = (torch.cat([f.rows for f in test]).to(g.w.device, torch.float32) - z) / s
         total += fake_quant_error(x, g.w_eval * s, scale, offset)
     return total / folds
 
@@ -173,7 +173,7 @@ def fold_into_producer(t: dict, name: str, z: torch.Tensor | None, s: torch.Tens
 
 
 def fold_into_consumer(t: dict, name: str, z: torch.Tensor | None, s: torch.Tensor) -> None:
-    """A linear reading (x - z) / s instead of x: b += W z (original W), W = W diag(s)."""
+    """A linear reading (x - z) / s instead of x: b += W z, W = W diag(s)."""
     w = t[name + ".weight"]
     if z is not None:
         t[name + ".bias"] = t.get(name + ".bias", 0) + w @ z
@@ -208,7 +208,7 @@ def smooth_layer(cfg, layer_idx: int, tensors: dict, stats: dict, alpha: float, 
             continue
         w = torch.cat([t[p + c + ".weight"] for c in e.consumers])
         g = GroupInput(Channels(cfg, e.heads), w, eval_rows(w), shift and e.shift)
-        mn, mx = stats[e.group].min.float(), stats[e.group].max.float()
+        mn, mx = (v.to(w.device, torch.float32) for v in (stats[e.group].min, stats[e.group].max))
         forwards = (samples or {}).get(e.group)
         if forwards:
             a = search_alpha(lambda a: cross_validated_error(g, forwards, a), alphas, alpha)

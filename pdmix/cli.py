@@ -3,6 +3,7 @@
 
 import argparse
 import importlib
+import os
 import sys
 
 from pdmix.errors import PdmixError
@@ -21,7 +22,8 @@ def run_command(module: str, args) -> int:
     try:
         return importlib.import_module(module).run(args) or 0
     except PdmixError as e:
-        print(f"pdmix: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; say it once
+            print(f"pdmix: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pdmix: interrupted", file=sys.stderr)

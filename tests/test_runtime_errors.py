@@ -80,6 +80,15 @@ def test_int8_weight_labelled_float(capsys, broken):
     assert "model.layers.0.mlp.up_proj.weight: torch.int8 but not labelled W8A8_MIX" in fails(capsys, "--model_path", broken)
 
 
+def test_fused_inputs_with_different_static_parameters(capsys, broken):
+    """q/k/v (and gate/up) read one input and the runtime quantizes it once: it must refuse a
+    checkpoint in which their input_scale/input_offset differ (SPEC §7)."""
+    rewrite_weights(broken, lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.input_scale",
+                                                    t["model.layers.1.self_attn.k_proj.input_scale"] * 2))
+    err = fails(capsys, "--model_path", broken)
+    assert "model.layers.1.self_attn.k_proj: input_scale/input_offset differ" in err
+
+
 def test_weight_shape_disagreeing_with_config(capsys, broken):
     cfg = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdmix.models.config import ModelConfig
+from pdmix.models.linear import fuse_linears
 
 
 class RMSNorm(nn.Module):
@@ -91,12 +92,26 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (linears[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         self.q_norm, self.k_norm = q_norm, k_norm
+        self.qkv_proj = None  # set by fuse(): q/k/v as one linear
+
+    def fuse(self) -> None:
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj],
+                                     self.q_proj.name.replace("q_proj", "qkv_proj") if hasattr(self.q_proj, "name") else "qkv_proj")
+        if self.qkv_proj is not None:
+            self.qkv_sizes = [m.out_features for m in (self.q_proj, self.k_proj, self.v_proj)]
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project_qkv(self, x, split):
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x, split).split(self.qkv_sizes, dim=-1)
+        return self.q_proj(x, split), self.k_proj(x, split), self.v_proj(x, split)
 
     def forward(self, x, cos, sin, attn, split=None):
         t = x.shape[0]
-        q = self.q_proj(x, split).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, split).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, split).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x, split)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -108,9 +123,19 @@ class MLP(nn.Module):
     def __init__(self, linears: dict[str, nn.Module]):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = (linears[n] for n in ("gate_proj", "up_proj", "down_proj"))
+        self.gate_up_proj = None  # set by fuse(): gate/up as one linear
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj], getattr(self.gate_proj, "name", "gate_up_proj"))
+        if self.gate_up_proj is not None:
+            del self.gate_proj, self.up_proj
 
     def forward(self, x, split=None):
-        return self.down_proj(F.silu(self.gate_proj(x, split)) * self.up_proj(x, split), split)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x, split).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x, split), self.up_proj(x, split)
+        return self.down_proj(F.silu(gate) * up, split)
 
 
 class DecoderLayer(nn.Module):
@@ -122,6 +147,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(layer_idx, cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size, cfg.head_dim,
                                    linears, norms.get("q_norm"), norms.get("k_norm"))
         self.mlp = MLP(linears)
+
+    def fuse(self) -> "DecoderLayer":
+        """Fuse the linears that read one input (q/k/v, gate/up) for the runtime: one input quantization
+        and one GEMM instead of three. Calibration keeps them separate, to observe each."""
+        self.self_attn.fuse()
+        self.mlp.fuse()
+        return self
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, split=None) -> torch.Tensor:
         """x [T, hidden]: the rows of all sequences of a step, flattened."""

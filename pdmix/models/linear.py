@@ -100,3 +100,31 @@ class W8A8MixLinear(nn.Module):
         y_sta = k.epilogue_static(acc[n_dyn:], self.deq_scale, self.quant_bias, self.out_dtype)
         y = y_dyn if n_dyn == x.shape[0] else y_sta if n_dyn == 0 else torch.cat([y_dyn, y_sta])
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def fuse_linears(mods: list[nn.Module], name: str) -> nn.Module | None:
+    """One linear computing several that read the same input (q/k/v, gate/up), outputs concatenated;
+    None when they are of different kinds (one rolled back to float, say).
+
+    W8A8_MIX members must share input_scale/input_offset (SPEC §7): the fused layer quantizes its
+    input once, so a checkpoint where they differ is refused rather than computed wrongly.
+    """
+    if all(type(m) is FloatLinear for m in mods):
+        if any(m.reduce is not None for m in mods):
+            return None
+        biases = [m.bias if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in mods]
+        has_bias = any(m.bias is not None for m in mods)
+        return FloatLinear(torch.cat([m.weight for m in mods]), torch.cat(biases) if has_bias else None)
+    if not all(type(m) is W8A8MixLinear for m in mods) or any(m.reduce is not None for m in mods):
+        return None
+    first = mods[0]
+    for m in mods[1:]:
+        if not (torch.equal(m.input_scale, first.input_scale) and torch.equal(m.input_offset, first.input_offset)):
+            raise PdmixError(f"{m.name}: input_scale/input_offset differ from {first.name}'s; they read the same "
+                             f"input and must share them (SPEC §7)")
+    t = {"weight": torch.cat([m.weight for m in mods]), "input_scale": first.input_scale,
+         "input_offset": first.input_offset, "deq_scale": torch.cat([m.deq_scale for m in mods]),
+         "quant_bias": torch.cat([m.quant_bias for m in mods]), "weight_scale": torch.cat([m.weight_scale for m in mods])}
+    fused = W8A8MixLinear(t, first.out_dtype, name, torch.cat([m.bias_float for m in mods]))
+    fused.kernels = first.kernels
+    return fused

@@ -39,18 +39,19 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalL
     for i in range(cfg.num_layers):
         linears = {n: build_linear(cfg, get, reader, types, linear_prefix(i, n), tp) for n in ATTN_LINEARS + MLP_LINEARS}
         norms = layer_norms(cfg, i, get, reader.__contains__)
-        layers.append(DecoderLayer(cfg, i, linears, norms, tp.size).to(device))
+        layers.append(DecoderLayer(cfg, i, linears, norms, tp.size).fuse().to(device))
     embed = get("model.embed_tokens.weight").to(device)
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in reader
     lm_head = embed if tied else get("lm_head.weight").to(device)
     norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
     backend = kernels.get_backend(device)
-    quant_linears = [m for layer in layers for m in layer.modules() if isinstance(m, W8A8MixLinear)]
-    for m in quant_linears:
+    for m in (m for layer in layers for m in layer.modules() if isinstance(m, W8A8MixLinear)):
         m.kernels = backend
     if tp.is_main:
-        kind = f"W8A8_MIX, {len(quant_linears)} of {7 * cfg.num_layers} linears quantized" if quantized else "float"
+        n_quant = sum(types.get(linear_prefix(i, n) + ".weight") == QUANT_TYPE
+                      for i in range(cfg.num_layers) for n in ATTN_LINEARS + MLP_LINEARS)
+        kind = f"W8A8_MIX, {n_quant} of {7 * cfg.num_layers} linears quantized" if quantized else "float"
         print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
               file=sys.stderr)
     return CausalLM(cfg, embed, layers, norm, lm_head).to(device)

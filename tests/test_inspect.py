@@ -260,29 +260,24 @@ SHARD_CORRUPTIONS = {
 }
 
 
-def _corrupted(src: Path, tmp_path: Path, mutate) -> Path:
+def assert_rejected(src: Path, tmp_path: Path, mutate, culprit: str) -> None:
+    """A copy of src, damaged by mutate, is refused with a one-line message naming the culprit."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(src, ckpt)
     mutate(ckpt)
-    return ckpt
+    with pytest.raises(PdmixError) as e:
+        inspect_checkpoint(ckpt)
+    assert culprit in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("case", CORRUPTIONS)
 def test_corruption_rejected(case, single_ckpt, tmp_path):
-    mutate, culprit = CORRUPTIONS[case]
-    ckpt = _corrupted(single_ckpt, tmp_path, mutate)
-    with pytest.raises(PdmixError) as e:
-        inspect_checkpoint(ckpt)
-    assert culprit in str(e.value) and "\n" not in str(e.value)
+    assert_rejected(single_ckpt, tmp_path, *CORRUPTIONS[case])
 
 
 @pytest.mark.parametrize("case", SHARD_CORRUPTIONS)
 def test_shard_corruption_rejected(case, sharded_ckpt, tmp_path):
-    mutate, culprit = SHARD_CORRUPTIONS[case]
-    ckpt = _corrupted(sharded_ckpt, tmp_path, mutate)
-    with pytest.raises(PdmixError) as e:
-        inspect_checkpoint(ckpt)
-    assert culprit in str(e.value) and "\n" not in str(e.value)
+    assert_rejected(sharded_ckpt, tmp_path, *SHARD_CORRUPTIONS[case])
 
 
 def test_group_check_only_where_all_members_quantized(tmp_path):

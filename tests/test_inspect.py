@@ -260,11 +260,16 @@ SHARD_CORRUPTIONS = {
 }
 
 
-def assert_rejected(src: Path, tmp_path: Path, mutate, culprit: str) -> None:
-    """A copy of src, damaged by mutate, is refused with a one-line message naming the culprit."""
+def corrupted(src: Path, tmp_path: Path, mutate) -> Path:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(src, ckpt)
     mutate(ckpt)
+    return ckpt
+
+
+def assert_rejected(src: Path, tmp_path: Path, mutate, culprit: str) -> None:
+    """A copy of src, damaged by mutate, is refused with a one-line message naming the culprit."""
+    ckpt = corrupted(src, tmp_path, mutate)
     with pytest.raises(PdmixError) as e:
         inspect_checkpoint(ckpt)
     assert culprit in str(e.value) and "\n" not in str(e.value)
@@ -305,7 +310,7 @@ def test_cli_valid(sharded_ckpt):
 
 
 def test_cli_corrupt(single_ckpt, tmp_path):
-    ckpt = _corrupted(single_ckpt, tmp_path, CORRUPTIONS["deq_scale inconsistent"][0])
+    ckpt = corrupted(single_ckpt, tmp_path, CORRUPTIONS["deq_scale inconsistent"][0])
     r = _cli(ckpt)
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()

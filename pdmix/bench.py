@@ -468,7 +468,7 @@ def format_table(result: dict) -> str:
 
 
 def run(args) -> int:
-    from pdmix.runtime.llm import resolve_device
+    from pdmix.device import resolve_device
 
     check_args(args)
     command = command_line(args)

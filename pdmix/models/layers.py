@@ -96,7 +96,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj],
-                                     self.q_proj.name.replace("q_proj", "qkv_proj") if hasattr(self.q_proj, "name") else "qkv_proj")
+                                     f"model.layers.{self.layer_idx}.self_attn.qkv_proj")
         if self.qkv_proj is not None:
             self.qkv_sizes = [m.out_features for m in (self.q_proj, self.k_proj, self.v_proj)]
             del self.q_proj, self.k_proj, self.v_proj
@@ -125,8 +125,8 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = (linears[n] for n in ("gate_proj", "up_proj", "down_proj"))
         self.gate_up_proj = None  # set by fuse(): gate/up as one linear
 
-    def fuse(self) -> None:
-        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj], getattr(self.gate_proj, "name", "gate_up_proj"))
+    def fuse(self, name: str) -> None:
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj], name)
         if self.gate_up_proj is not None:
             del self.gate_proj, self.up_proj
 
@@ -152,7 +152,7 @@ class DecoderLayer(nn.Module):
         """Fuse the linears that read one input (q/k/v, gate/up) for the runtime: one input quantization
         and one GEMM instead of three. Calibration keeps them separate, to observe each."""
         self.self_attn.fuse()
-        self.mlp.fuse()
+        self.mlp.fuse(f"model.layers.{self.self_attn.layer_idx}.mlp.gate_up_proj")
         return self
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, split=None) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from pdmix.atomic import atomic_dir, check_target
+from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.format.names import FLOAT, INPUT_GROUPS, QUANT_TYPE, linear_prefix
 from pdmix.format.reader import SafetensorsFolder
@@ -36,18 +37,6 @@ GROUP_NAME = {g: name for name, g in GROUPS.items()}  # ("q_proj","k_proj","v_pr
 # Files of the source folder that describe weights; everything else (config, tokenizer, ...) is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "npu":
-        raise PdmixError("--device npu: Ascend NPUs are not supported by pdmix; use --device cpu or cuda")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PdmixError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise PdmixError(f"--device {name}: expected cpu, cuda or auto")
-    return torch.device(name)
 
 
 class Log:

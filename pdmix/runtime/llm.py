@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.models.config import load_config
 from pdmix.models.linear import MODES
@@ -29,15 +30,6 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PdmixError("--device cuda: no CUDA device is available")
-    return device
 
 
 class LLM:

@@ -39,13 +39,12 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
 
 
 def no_anti_outlier(cfg, layer_idx: int, tensors: dict[str, torch.Tensor], stats: dict[str, ChannelStats],
-                    alpha: float, samples=None) -> dict[str, torch.Tensor]:
+                    alpha: float) -> dict[str, torch.Tensor]:
     return tensors
 
 
 METHODS = {"none": no_anti_outlier, "smooth": smooth, "m4": m4}
 
 
-def anti_outlier(method: str, cfg, layer_idx, tensors, stats, alpha, samples=None) -> dict[str, torch.Tensor]:
-    """samples: optional {group: [N, k] rows of that group's float input}; m4 uses them to pick alpha."""
-    return METHODS[method](cfg, layer_idx, tensors, stats, alpha, samples=samples)
+def anti_outlier(method: str, cfg, layer_idx, tensors, stats, alpha) -> dict[str, torch.Tensor]:
+    return METHODS[method](cfg, layer_idx, tensors, stats, alpha)

@@ -228,7 +228,6 @@ def make_linear_pair(n: int, k: int, dtype: torch.dtype, device: torch.device, s
     sample = activation(CALIB_ROWS, k, dtype, torch.device("cpu"), seed + 1)
     scale, offset = static_activation_params(sample.min().reshape(1), sample.max().reshape(1), dtype)
     lin = W8A8MixLinear(vars(quantize_linear(w, None, scale, offset)), dtype, f"bench.{n}x{k}").to(device)
-    lin.kernels = kernels.get_backend(device)  # as the runtime's loader does
     return w.to(device), lin
 
 

@@ -7,12 +7,21 @@ functions and are picked by `get_backend`.
 from pdmix.kernels import reference
 
 
+import functools
+
+import torch
+
+
 def get_backend(device) -> object:
     """The kernel module for a device: the reference on CPU (torch._int_mm is already the fast path)."""
-    import torch
-    if torch.device(device).type == "cuda":
+    return _backend(torch.device(device).type)
+
+
+@functools.cache
+def _backend(device_type: str) -> object:
+    if device_type == "cuda":
         try:
-            from pdmix.kernels import cuda  # noqa: F401  (optional fast path)
+            from pdmix.kernels import cuda  # optional fast path
             return cuda
         except ImportError:
             pass

@@ -63,7 +63,6 @@ class W8A8MixLinear(nn.Module):
             raise PdmixError(f"{name}.weight: expected a 2-D int8 tensor, got {w.dtype} {list(w.shape)}")
         self.out_dtype = out_dtype
         self.name = name
-        self.kernels = kernels.reference
         self.register_buffer("weight", w.contiguous())
         self.register_buffer("input_scale", t["input_scale"].to(torch.float32).reshape(()))
         self.register_buffer("input_offset", t["input_offset"].to(torch.float32).reshape(()))
@@ -79,6 +78,11 @@ class W8A8MixLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def kernels(self):
+        """The int8 kernels for the device the weights are on."""
+        return kernels.get_backend(self.weight.device)
 
     @property
     def weight_t(self) -> torch.Tensor:
@@ -125,6 +129,4 @@ def fuse_linears(mods: list[nn.Module], name: str) -> nn.Module | None:
     t = {"weight": torch.cat([m.weight for m in mods]), "input_scale": first.input_scale,
          "input_offset": first.input_offset, "deq_scale": torch.cat([m.deq_scale for m in mods]),
          "quant_bias": torch.cat([m.quant_bias for m in mods]), "weight_scale": torch.cat([m.weight_scale for m in mods])}
-    fused = W8A8MixLinear(t, first.out_dtype, name, torch.cat([m.bias_float for m in mods]))
-    fused.kernels = first.kernels
-    return fused
+    return W8A8MixLinear(t, first.out_dtype, name, torch.cat([m.bias_float for m in mods]))

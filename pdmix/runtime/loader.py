@@ -10,7 +10,6 @@ import sys
 import torch
 from torch import nn
 
-from pdmix import kernels
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.names import (COLUMN_PARALLEL, DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE, ATTN_LINEARS,
@@ -45,9 +44,6 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalL
     lm_head = embed if tied else get("lm_head.weight").to(device)
     norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
-    backend = kernels.get_backend(device)
-    for m in (m for layer in layers for m in layer.modules() if isinstance(m, W8A8MixLinear)):
-        m.kernels = backend
     if tp.is_main:
         n_quant = sum(types.get(linear_prefix(i, n) + ".weight") == QUANT_TYPE
                       for i in range(cfg.num_layers) for n in ATTN_LINEARS + MLP_LINEARS)

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdmix import kernels
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.models.config import load_config
@@ -41,17 +42,18 @@ class LLM:
 
     def __init__(self, model_path, quant_mode: str = "pdmix", block_size: int = 128, max_batch_size: int = 8,
                  max_prefill_tokens: int | None = None, max_input_length: int = 1024, max_output_length: int = 512,
-                 num_blocks: int | None = None, device: str = "cpu"):
+                 num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None):
         if quant_mode not in MODES:
             raise PdmixError(f"quant_mode must be one of {', '.join(MODES)}, got {quant_mode!r}")
         for name, v in (("block_size", block_size), ("max_batch_size", max_batch_size),
                         ("max_input_length", max_input_length), ("max_output_length", max_output_length)):
             if v < 1:
                 raise PdmixError(f"{name} must be at least 1, got {v}")
+        kernels.check_name(kernel)
         cfg = load_config(model_path)
         tpm.check_divisible(cfg, tpm.from_env().size)  # before any rank joins the process group
         self.tp, self.device = tpm.init(resolve_device(device))
-        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp)
+        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel)
         self.max_input_length = max_input_length
         if num_blocks is None:
             num_blocks = max_batch_size * blocks_needed(max_input_length + max_output_length, block_size)

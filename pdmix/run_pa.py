@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--quant_mode", default="pdmix", choices=("pdmix", "dynamic", "static"),
                    help="pdmix: dynamic for prompt rows, static for decode rows; or force one path")
+    p.add_argument("--kernel", default=None,
+                   help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -102,17 +105,24 @@ def build_prompts(args, llm) -> tuple[list[str], list[list[int]]]:
 
 
 def run(args) -> int:
+    import torch
+
     from pdmix.runtime import tp
     from pdmix.runtime.llm import LLM
     from pdmix.runtime.sampling import SamplingParams
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PdmixError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     llm = LLM(args.model_path, quant_mode=args.quant_mode, block_size=args.block_size,
               max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
-              max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device)
+              max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device,
+              kernel=args.kernel)
     try:
         questions, prompts = build_prompts(args, llm)
         llm.warmup()
@@ -124,15 +134,16 @@ def run(args) -> int:
                 print(f"Answer[{i}]: {o.text if o.text is not None else o.token_ids}")
                 if args.print_ids:
                     print(f"Generate[{i}] token ids: {o.token_ids}")
-            print(summary(llm.stats, len(outputs), llm.tp.size), flush=True)
+            print(summary(llm.stats, len(outputs), llm.tp.size, llm.kernel_names), flush=True)
     finally:
         tp.shutdown()
     return 0
 
 
-def summary(s, n: int, tp_size: int) -> str:
+def summary(s, n: int, tp_size: int, kernel_names: list[str]) -> str:
     rate = lambda tokens, sec: tokens / sec if sec > 0 else 0.0
-    return (f"pdmix run: {n} prompt(s), tp {tp_size}: prefill {s.prefill_tokens} tokens in {s.prefill_s:.3f} s "
+    kernels = f", kernels {'+'.join(kernel_names)}" if kernel_names else ""
+    return (f"pdmix run: {n} prompt(s), tp {tp_size}{kernels}: prefill {s.prefill_tokens} tokens in {s.prefill_s:.3f} s "
             f"({rate(s.prefill_tokens, s.prefill_s):.1f} tokens/s), decode {s.decode_tokens} tokens in "
             f"{s.decode_s:.3f} s ({rate(s.decode_tokens, s.decode_s):.1f} tokens/s)")
 

@@ -75,6 +75,11 @@ class LLM:
         return self._tokenizer
 
     @property
+    def kernel_names(self) -> list[str]:
+        """The W8A8 kernel backends this model's quantized linears run on (empty for a float model)."""
+        return sorted({m.kernel.name for m in self.model.modules() if getattr(m, "kernel", None) is not None})
+
+    @property
     def stats(self) -> Stats:
         """Token counts and times of the last generate call."""
         return self.engine.stats

@@ -4,7 +4,6 @@
 rank 0 prints. Prompts come from --input_texts, --input_ids or --input_file (jsonl chats).
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -138,11 +137,15 @@ def summary(s, n: int, tp_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdmix.cli import run_command
+    from pdmix.cli import Parser, run_command
 
-    parser = argparse.ArgumentParser(prog="python -m pdmix.run_pa", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m pdmix.run_pa", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_command("pdmix.run_pa", parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return run_command("pdmix.run_pa", args)
 
 
 if __name__ == "__main__":

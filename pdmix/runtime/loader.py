@@ -15,6 +15,7 @@ from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.names import (COLUMN_PARALLEL, DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE, ATTN_LINEARS,
                                 MLP_LINEARS, linear_prefix)
 from pdmix.format.reader import SafetensorsFolder
+from pdmix.format.validate import check_loadable
 from pdmix.kernels.reference import recover_bias
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import DecoderLayer, RMSNorm, layer_norms
@@ -30,6 +31,7 @@ PER_CHANNEL = ("weight", "weight_scale", "weight_offset", "deq_scale", "quant_bi
 
 def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalLM:
     tpm.check_divisible(cfg, tp.size)
+    check_loadable(cfg)  # inspect's checks (W8A8_MIX) or shapes and finiteness (float), before building
     quantized = is_quant_checkpoint(cfg.folder)
     reader = SafetensorsFolder(cfg.folder, quantized)
     types = check_description(cfg.folder, reader) if quantized else {}

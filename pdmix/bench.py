@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
+from pdmix.paths import check_output_file, write_output_file
 from pdmix.models.linear import RowSplit, W8A8MixLinear
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.synth import SHAPES
@@ -470,6 +471,8 @@ def run(args) -> int:
     from pdmix.device import resolve_device
 
     check_args(args)
+    if args.output:
+        check_output_file(args.output)  # now, not after the whole run
     command = command_line(args)
     device = resolve_device(args.device)
     dims = model_dims(args)
@@ -492,7 +495,7 @@ def run(args) -> int:
     result["load_avg_end"] = load_average()
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        write_output_file(args.output, text + "\n")
     table = format_table(result)
     if args.json:
         print(text)

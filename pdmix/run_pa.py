@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.params import number, whole
 
 DEFAULT_INPUT = "What's deep learning?"
 
@@ -41,9 +42,11 @@ def add_arguments(p) -> None:
 def read_chats(path: str) -> list[list[dict]]:
     chats = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise PdmixError(f"{path}: cannot read ({e.strerror})") from None
+        raise PdmixError(f"--input_file {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PdmixError(f"--input_file {path}: not UTF-8 text (byte {e.start})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -55,6 +58,10 @@ def read_chats(path: str) -> list[list[dict]]:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in messages):
             raise PdmixError(f"{path}:{n}: expected a list of {{role, content}} messages or {{\"messages\": [...]}}")
+        if not messages:
+            raise PdmixError(f"{path}:{n}: an empty chat (no messages)")
+        if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
+            raise PdmixError(f"{path}:{n}: a message's role and content must be strings")
         chats.append(messages)
     if not chats:
         raise PdmixError(f"{path}: no chats")
@@ -62,15 +69,28 @@ def read_chats(path: str) -> list[list[dict]]:
 
 
 def chat_template(arg: str | None, tokenizer) -> str:
+    """--chat_template: a Jinja template string (it holds {{ or {%), or else the file that holds one."""
     if arg is not None:
-        return Path(arg).read_text() if Path(arg).is_file() else arg
+        if "{{" in arg or "{%" in arg:
+            return arg
+        try:
+            return Path(arg).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise PdmixError(f"--chat_template {arg[:80]!r}: neither a template (no {{{{ or {{%) nor a readable "
+                             f"file ({reason})") from None
     if not tokenizer.chat_template:
         raise PdmixError("the tokenizer has no chat template; pass --chat_template")
     return tokenizer.chat_template
 
 
 def apply_chat(tokenizer, template: str, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as e:  # jinja2's TemplateSyntaxError, UndefinedError, or a raise_exception() in the template
+        raise PdmixError(f"--chat_template: the chat template fails ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -100,11 +120,25 @@ def build_prompts(args, llm) -> tuple[list[str], list[list[int]]]:
     return texts, [llm.encode(t) for t in texts]
 
 
+def check_flags(args) -> None:
+    for name in ("max_batch_size", "max_input_length", "max_output_length", "block_size"):
+        whole(f"--{name}", getattr(args, name), 1)
+    if args.max_prefill_tokens != -1:
+        whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
+    number("--temperature", args.temperature, 0)
+    whole("--top_k", args.top_k, -1)
+    number("--top_p", args.top_p, 0, 1, lo_open=True)
+    number("--repetition_penalty", args.repetition_penalty, 0, lo_open=True)
+    if args.seed is not None:
+        whole("--seed", args.seed, 0, 2**64 - 1)
+
+
 def run(args) -> int:
     from pdmix.runtime import tp
     from pdmix.runtime.llm import LLM
     from pdmix.runtime.sampling import SamplingParams
 
+    check_flags(args)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)

@@ -29,9 +29,11 @@ from pdmix.runtime.tp import TP
 PER_CHANNEL = ("weight", "weight_scale", "weight_offset", "deq_scale", "quant_bias")
 
 
-def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalLM:
+def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), check: bool = True) -> CausalLM:
+    """check=False: the caller already ran check_loadable(cfg)."""
     tpm.check_divisible(cfg, tp.size)
-    check_loadable(cfg)  # inspect's checks (W8A8_MIX) or shapes and finiteness (float), before building
+    if check:
+        check_loadable(cfg)  # inspect's checks (W8A8_MIX) or shapes and finiteness (float), before building
     quantized = is_quant_checkpoint(cfg.folder)
     reader = SafetensorsFolder(cfg.folder, quantized)
     types = check_description(cfg.folder, reader) if quantized else {}

@@ -495,7 +495,11 @@ def run(args) -> int:
     result["load_avg_end"] = load_average()
     text = json.dumps(result, indent=2)
     if args.output:
-        write_output_file(args.output, text + "\n")
+        try:
+            write_output_file(args.output, text + "\n")
+        except PdmixError:
+            print(text)  # the results are not lost to a disk that filled during the run
+            raise
     table = format_table(result)
     if args.json:
         print(text)

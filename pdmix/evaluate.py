@@ -175,7 +175,11 @@ def run(args) -> int:
                    args.device, quiet=args.json)
     text = json.dumps(res, indent=2)
     if args.output:
-        write_output_file(args.output, text + "\n")
+        try:
+            write_output_file(args.output, text + "\n")
+        except PdmixError:
+            print(text)  # the results are not lost to a disk that filled during the run
+            raise
     if args.json:
         print(text)
     else:

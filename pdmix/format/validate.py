@@ -83,7 +83,8 @@ def check_tensors(cfg: ModelConfig, st: SafetensorsFolder, dtype_exact: bool, ty
         if dtype not in FLOAT_ST_DTYPES or (dtype_exact and dtype != want and not name.endswith(".bias")):
             expected = want if dtype_exact else " or ".join(FLOAT_ST_DTYPES)
             hint = "" if dtype in FLOAT_ST_DTYPES else "; a float model's tensors are floating point"
-            raise PdmixError(f"{st.file_of(name)}: tensor {name} is {dtype} ({ST_NAMES.get(dtype, dtype)}), "
+            named = f"{dtype} ({ST_NAMES[dtype]})" if dtype in ST_NAMES else dtype
+            raise PdmixError(f"{st.file_of(name)}: tensor {name} is {named}, "
                              f"expected {expected} (config.json dtype {str(cfg.dtype).removeprefix('torch.')}){hint}")
 
 

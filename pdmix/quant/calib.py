@@ -55,4 +55,6 @@ def tokenize(tokenizer, prompts: list[str], max_len: int) -> list[torch.Tensor]:
         t = tokenizer(p, add_special_tokens=True)["input_ids"][:max_len]
         if t:
             ids.append(torch.tensor(t, dtype=torch.long))
+    if not ids:
+        raise PdmixError("the tokenizer turned every calibration prompt into no tokens")
     return ids

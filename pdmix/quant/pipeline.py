@@ -34,6 +34,7 @@ from pdmix.quant.anti_outlier import GROUPS, METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, make_observer
+from pdmix.tokenizer import load_tokenizer
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP_NAME = {g: name for name, g in GROUPS.items()}  # ("q_proj","k_proj","v_proj") -> "qkv"
@@ -381,11 +382,3 @@ def check_output(out: Path, save_path) -> None:
     except PdmixError as e:
         raise PdmixError(f"the quantized model fails inspect's checks, so nothing was written to --save_path "
                          f"{save_path}: {str(e).replace(str(out), str(save_path))}") from None
-
-
-def load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(model_path))
-    except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-        raise PdmixError(f"{model_path}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None

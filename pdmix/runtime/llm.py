@@ -15,6 +15,7 @@ from pdmix.runtime.engine import Engine, Stats
 from pdmix.runtime.kv_cache import KVCache, blocks_needed
 from pdmix.runtime.loader import load_model
 from pdmix.runtime.sampling import SamplingParams, make_generator
+from pdmix.tokenizer import load_tokenizer
 from pdmix.runtime.scheduler import Scheduler, Sequence
 
 
@@ -76,16 +77,7 @@ class LLM:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            folder = self.cfg.folder
-            if not any((folder / f).exists() for f in TOKENIZER_FILES):
-                raise PdmixError(f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}); give token ids instead "
-                                 f"(--input_ids)")
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            except Exception as e:  # transformers raises many types for a broken tokenizer
-                raise PdmixError(f"{folder}: no usable tokenizer ({e.__class__.__name__}: "
-                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            self._tokenizer = load_tokenizer(self.cfg.folder, "; give token ids instead (--input_ids)")
         return self._tokenizer
 
     @property
@@ -164,9 +156,6 @@ class LLM:
             raise PdmixError(f"{len(token_ids)} tokens pass the model's max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         return self.engine.score(list(token_ids), n_prefill, mode)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def prompt_ids(prompt, i: int) -> list[int]:

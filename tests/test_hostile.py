@@ -580,3 +580,23 @@ def test_api_refused(case, base, llm):
     with pytest.raises(PdmixError, match=pattern):
         call(base, llm)
     assert tree_hash(base.ck) == before
+
+
+# ---------------------------------------------------------------- unbounded memory
+
+def test_long_calibration_prompt_attention_is_exact_and_bounded(monkeypatch):
+    """A prompt whose [H, T, T] scores would pass ATTN_SCORE_BYTES takes a fused kernel or blocks of
+    queries; both equal causal softmax attention written out here (GQA: kv head j serves q heads 2j, 2j+1)."""
+    import pdmix.quant.pipeline as pipeline
+    g = torch.Generator().manual_seed(0)
+    t, heads, kv, d = 300, 4, 2, 16
+    q, k, v = (torch.randn(t, h, d, generator=g) for h in (heads, kv, kv))
+    kr, vr = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+    scores = torch.einsum("thd,shd->hts", q.double(), kr.double()) / d ** 0.5
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    want = torch.einsum("hts,shd->thd", scores.softmax(-1), vr.double()).float()
+    monkeypatch.setattr(pipeline, "ATTN_SCORE_BYTES", 4 * heads * t * 37)  # far below 4*H*T*T: 37 query rows a block
+    got = pipeline.bounded_causal_attention(q, k, v)
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, kr, vr))
+    blocked = pipeline.blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(blocked, want, atol=1e-5)

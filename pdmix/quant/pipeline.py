@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from pdmix.atomic import atomic_dir, check_target
@@ -97,25 +99,35 @@ def observe_inputs(layer: DecoderLayer, on_input):
     return handles
 
 
-ATTN_SCORE_BYTES = 1 << 28  # bound on one block of attention scores: long prompts go a block of queries at a time
+ATTN_SCORE_BYTES = 1 << 28  # a prompt whose attention scores [H, T, T] would pass this takes a bounded path
 
 
 def bounded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """causal_attention with memory linear in the prompt length: a prompt whose scores [H, T, T] would
-    pass ATTN_SCORE_BYTES is computed a block of queries at a time, each against the keys up to it."""
+    """causal_attention with memory linear in the prompt length T. Short prompts: causal_attention
+    itself. Long ones: a fused SDPA kernel (flash / memory-efficient, which never hold the [T, T]
+    scores; CPU and CUDA have one), else blocks of queries, each against the keys up to it."""
     t, heads = q.shape[0], q.shape[1]
-    block = max(1, ATTN_SCORE_BYTES // (4 * heads * t))
-    if block >= t:
+    if 4 * heads * t * t <= ATTN_SCORE_BYTES:
         return causal_attention(q, k, v)
+    rep = heads // k.shape[1]
+    q4, k4, v4 = (x.transpose(0, 1)[None].float() for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)[0].transpose(0, 1).to(q.dtype)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1).to(q.dtype)
+
+
+def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over [1, H, T, D] a block of queries at a time: scores stay under ATTN_SCORE_BYTES."""
+    t = q.shape[2]
+    block = max(1, ATTN_SCORE_BYTES // (4 * q.shape[1] * t))
     out = []
     for s in range(0, t, block):
         e = min(s + block, t)
         mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(diagonal=s)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1).float(), k[:e].transpose(0, 1).float(), v[:e].transpose(0, 1).float(),
-            attn_mask=mask, enable_gqa=True)
-        out.append(o.transpose(0, 1).to(q.dtype))
-    return torch.cat(out)
+        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask))
+    return torch.cat(out, dim=2)
 
 
 def packed_attention(lengths: list[int]):

@@ -282,6 +282,8 @@ CASES = [
     # --- inspect: value checks
     ("inspect-missing", lambda e: ["inspect", e.tmp / "nowhere"], "not a directory"),
     ("inspect-no-desc", lambda e: ["inspect", e.ckpt(remove=[DESC])], "quant_model_description.json: missing"),
+    ("inspect-weights-a-folder", lambda e: ["inspect", (c := e.ckpt(remove=[QWEIGHTS]), (c / QWEIGHTS).mkdir())[0]],
+     f"{QWEIGHTS}: cannot read (No such device"),
     ("inspect-desc-type", lambda e: ["inspect", e.ckpt(desc=lambda d: d.__setitem__("model_quant_type", "W4A16"))],
      "model_quant_type is 'W4A16'"),
 ]

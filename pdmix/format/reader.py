@@ -75,11 +75,9 @@ class SafetensorsFolder:
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
-            except OSError as e:
-                raise PdmixError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
+            except OSError as e:  # permission denied, a folder in its place, ...: not "not a valid safetensors file"
+                raise PdmixError(f"{path}: cannot read ({e.strerror or e})") from None
             except (SafetensorError, ValueError) as e:
-                if "Permission denied" in str(e) or "code: 13," in str(e):
-                    raise PdmixError(f"{path}: cannot read (Permission denied)") from None
                 raise PdmixError(f"{path}: not a valid safetensors file ({e})") from None
         return self._handles[path]
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from pdmix import kernels
 from pdmix.errors import PdmixError
 from pdmix.paths import check_output_file, write_output_file
-from pdmix.models.linear import RowSplit, W8A8MixLinear
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
+from pdmix.schemes import w8a8_mix
 from pdmix.synth import SHAPES
 
 DEFAULT_M = [1, 16, 64, 256, 1024, 2048, 4096, 8192]
@@ -46,8 +46,7 @@ BIG_HIDDEN = 4096          # qwen3-8b and larger: CPU prefill defaults to short 
 MEASURE_BUDGET_S = 1.0     # stop repeating one timing once it has taken this long (slow CPU cases)
 CALIB_ROWS = 256           # activation rows a bench linear's static input range is calibrated on
 CALIB_MAX_LEN = 256        # tokens per calibration prompt of the end-to-end quantization
-PATHS = ("bf16", "w8a8_dynamic", "w8a8_static")  # "bf16": F.linear in the model dtype (fp16 for an fp16 model)
-SPLITS = {"w8a8_dynamic": RowSplit(0, "dynamic"), "w8a8_static": RowSplit(0, "static")}
+W8A8_PATHS = ("dynamic", "static")  # timed against "bf16": F.linear in the model dtype (fp16 for an fp16 model)
 
 
 def int_list(text: str) -> list[int]:
@@ -58,6 +57,10 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
     return values
+
+
+def name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def add_arguments(p) -> None:
@@ -80,6 +83,9 @@ def add_arguments(p) -> None:
     p.add_argument("--skip_linear", action="store_true", help="no linear-level microbenchmark")
     p.add_argument("--skip_e2e", action="store_true", help="no end-to-end benchmark")
     p.add_argument("--tmp_dir", default=None, help="where the temporary model folders go (default: the system's)")
+    p.add_argument("--kernels", type=name_list, default=None,
+                   help="W8A8 kernel backends timed at linear level (default: all that run on the device)")
+    p.add_argument("--kernel", default=None, help="force this kernel backend end to end (default: the device's first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="JSON to stdout (the table goes to stderr)")
     p.add_argument("--output", default=None, help="write the JSON to this file")
@@ -222,14 +228,24 @@ def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
 
 
 def make_linear_pair(n: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """(float weight [n,k], the W8A8MixLinear quantized from it) on device. The static input range
+    """(float weight [n,k], the W8A8Params quantized from it) on device. The static input range
     is calibrated on a random activation sample drawn like the bench's inputs (see `activation`)."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
     sample = activation(CALIB_ROWS, k, dtype, torch.device("cpu"), seed + 1)
     scale, offset = static_activation_params(sample.min().reshape(1), sample.max().reshape(1), dtype)
-    lin = W8A8MixLinear(vars(quantize_linear(w, None, scale, offset)), dtype, f"bench.{n}x{k}").to(device)
-    return w.to(device), lin
+    params = w8a8_mix.params_from_tensors(vars(quantize_linear(w, None, scale, offset)), f"bench.{n}x{k}")
+    return w.to(device), params.to(device)
+
+
+def backends_for(device: torch.device, names: list[str] | None) -> list[str]:
+    """The kernel backends to time: those named, or every one that runs on the device."""
+    for name in names or ():
+        kernels.check_name(name)
+        why = kernels.BACKENDS[name].unsupported(device, False)
+        if why:
+            raise PdmixError(f"--kernels {name}: cannot run on {device.type}: {why}")
+    return names or [n for n, k in kernels.BACKENDS.items() if k.unsupported(device, False) is None]
 
 
 def activation(m: int, k: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
@@ -238,8 +254,11 @@ def activation(m: int, k: int, dtype: torch.dtype, device: torch.device, seed: i
     return torch.randn(m, k, generator=g, device=device).to(dtype)
 
 
-def run_path(path: str, x: torch.Tensor, w: torch.Tensor, lin: W8A8MixLinear) -> torch.Tensor:
-    return F.linear(x, w) if path == "bf16" else lin(x, SPLITS[path])
+def run_path(path: str, x: torch.Tensor, w: torch.Tensor, kernel=None) -> torch.Tensor:
+    """bf16 F.linear, or one W8A8 path (dynamic / static) of a kernel backend, quantization included."""
+    if path == "bf16":
+        return F.linear(x, w)
+    return kernel.apply(x, x.shape[0] if path == "dynamic" else 0)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -271,35 +290,41 @@ def median_time(fn, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def bench_linear_case(layer: str, m: int, w: torch.Tensor, lin: W8A8MixLinear, s: dict, device, seed: int) -> dict:
+def bench_linear_case(layer: str, m: int, w: torch.Tensor, built: dict, s: dict, device, seed: int) -> dict:
     n, k = w.shape
     flop = 2 * m * n * k
     x = activation(m, k, w.dtype, device, seed)
-    row, seconds = {"layer": layer, "m": m, "n": n, "k": k}, {}
+    row = {"layer": layer, "m": m, "n": n, "k": k}
+    timed = lambda path, kernel=None: median_time(lambda: run_path(path, x, w, kernel), device, s["warmup"], s["iters"])
     with torch.inference_mode():
-        ref = run_path("bf16", x, w, lin)
-        for path in PATHS:
-            seconds[path] = t = median_time(lambda: run_path(path, x, w, lin), device, s["warmup"], s["iters"])
-            row[path] = {"ms": sig(t * 1e3), "tflops": sig(flop / t / 1e12)}
-            if path != "bf16":
-                row[path].update(speedup=sig(seconds["bf16"] / t), rel_err=sig(rel_err(run_path(path, x, w, lin), ref)))
+        ref = run_path("bf16", x, w)
+        bf16 = timed("bf16")
+        row["bf16"] = {"ms": sig(bf16 * 1e3), "tflops": sig(flop / bf16 / 1e12)}
+        for name, kernel in built.items():
+            row[name] = {}
+            for path in W8A8_PATHS:
+                t = timed(path, kernel)
+                row[name][path] = {"ms": sig(t * 1e3), "tflops": sig(flop / t / 1e12), "speedup": sig(bf16 / t),
+                                   "rel_err": sig(rel_err(run_path(path, x, w, kernel), ref))}
     return row
 
 
-def bench_linears(dims: dict, s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[list, list]:
+def bench_linears(dims: dict, s: dict, device: torch.device, dtype: torch.dtype, seed: int,
+                  backends: list[str]) -> tuple[list, list]:
     rows, skipped = [], []
     ms = [m for m in s["m"] if m <= s["max_m"]]
     skipped += [{"layer": "*", "m": m, "reason": f"M > --max_m {s['max_m']}"} for m in s["m"] if m > s["max_m"]]
     for i, (layer, (n, k)) in enumerate(linear_shapes(dims).items()):
         log(f"linear {layer} n={n} k={k}: M {','.join(map(str, ms))}")
-        w, lin = make_linear_pair(n, k, dtype, device, seed + 10 * i)
+        w, params = make_linear_pair(n, k, dtype, device, seed + 10 * i)
+        built = {name: kernels.build(params, dtype, name) for name in backends}
         for m in ms:
             try:
-                rows.append(bench_linear_case(layer, m, w, lin, s, device, seed + 10 * i + 2))
+                rows.append(bench_linear_case(layer, m, w, built, s, device, seed + 10 * i + 2))
             except RuntimeError as e:  # out of memory, or a kernel that rejects this M
                 skipped.append({"layer": layer, "m": m, "reason": str(e).splitlines()[0][:200]})
                 free_memory(device)
-        del w, lin
+        del w, params, built
         free_memory(device)
     return rows, skipped
 
@@ -367,7 +392,7 @@ def decode_point(llm, prompt, batch: int, s: dict) -> dict:
             "ttft_ms": sig(st.prefill_s * 1e3)}
 
 
-def bench_engine(folder: Path, s: dict, device: torch.device, seed: int) -> dict:
+def bench_engine(folder: Path, s: dict, device: torch.device, seed: int, kernel: str | None = None) -> dict:
     from pdmix.runtime.kv_cache import blocks_needed
     from pdmix.runtime.llm import LLM
 
@@ -379,7 +404,7 @@ def bench_engine(folder: Path, s: dict, device: torch.device, seed: int) -> dict
     t = time.perf_counter()
     llm = LLM(folder, block_size=block, max_batch_size=max(s["batch_sizes"]),
               max_input_length=max(s["prompt_lens"] + [s["decode_prompt_len"]]),
-              max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device))
+              max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device), kernel=kernel)
     load_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(seed)
     vocab = llm.cfg.vocab_size
@@ -409,7 +434,7 @@ def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
         for name, folder in (("float", float_dir), ("pdmix", quant_dir)):
             log(f"end to end: {name} engine")
             try:
-                result[name] = bench_engine(folder, s, device, args.seed)
+                result[name] = bench_engine(folder, s, device, args.seed, args.kernel)
             except RuntimeError as e:  # e.g. out of memory: keep the other engine's numbers
                 result[name] = {"error": str(e).splitlines()[0][:300]}
                 free_memory(device)
@@ -418,17 +443,19 @@ def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def linear_table(rows: list, skipped: list) -> list[str]:
-    head = (f"{'layer':<10}{'M':>6}{'N':>7}{'K':>7} |{'bf16 ms':>10}{'TFLOP/s':>10} |{'dyn ms':>10}{'TFLOP/s':>10}"
-            f"{'x':>8}{'err':>7} |{'sta ms':>10}{'TFLOP/s':>10}{'x':>8}{'err':>7}")
+def linear_table(rows: list, skipped: list, backends: list[str]) -> list[str]:
+    head = f"{'layer':<10}{'M':>6}{'N':>7}{'K':>7} |{'bf16 ms':>9}{'TFLOP/s':>9}"
+    for b in backends:
+        head += f" |{b[:8] + ' dyn':>13}{'x':>7}{'err':>7}{'sta ms':>9}{'x':>7}{'err':>7}"
     lines = ["linear level (W8A8 includes activation quantization; x = speed-up vs bf16; err = rel. error vs bf16)",
              head, "-" * len(head)]
     for r in rows:
-        cells = [f" {r['bf16']['ms']:>9.4g} {r['bf16']['tflops']:>9.3g}"]
-        for path in PATHS[1:]:
-            p = r[path]
-            cells.append(f" {p['ms']:>9.4g} {p['tflops']:>9.3g} {p['speedup']:>6.2f}x {p['rel_err']:>6.1%}")
-        lines.append(f"{r['layer']:<10}{r['m']:>6}{r['n']:>7}{r['k']:>7} |" + " |".join(cells))
+        line = f"{r['layer']:<10}{r['m']:>6}{r['n']:>7}{r['k']:>7} | {r['bf16']['ms']:>8.4g} {r['bf16']['tflops']:>8.3g}"
+        for b in backends:
+            d, st = r[b]["dynamic"], r[b]["static"]
+            line += (f" | {d['ms']:>12.4g} {d['speedup']:>5.2f}x {d['rel_err']:>6.1%}"
+                     f" {st['ms']:>8.4g} {st['speedup']:>5.2f}x {st['rel_err']:>6.1%}")
+        lines.append(line)
     lines += [f"skipped {x['layer']} M={x['m']}: {x['reason']}" for x in skipped]
     return lines
 
@@ -454,13 +481,14 @@ def e2e_table(e2e: dict, mem_kind: str) -> list[str]:
 
 def format_table(result: dict) -> str:
     lines = [f"pdmix bench: {result['shape'] or result['model_path']}, {result['layers']} layers, {result['dtype']}, "
-             f"{result['device_name']} ({result['kernel_backend']})"]
+             f"{result['device_name']}, {result['torch_threads']} threads, torch {result['torch']}, "
+             f"kernels {', '.join(result['kernel_backends'])} (end to end: {result['e2e_kernel']})"]
     load, cores = result["load_avg_start"], result["cpu_count"]
     if result["device"] == "cpu" and load is not None and load + result["torch_threads"] > cores + 0.5:
         lines.append(f"warning: load average {load} before the run, {result['torch_threads']} torch threads on "
                      f"{cores} cores: timings include waits for a CPU")
     if "linear" in result:
-        lines += [""] + linear_table(result["linear"], result["linear_skipped"])
+        lines += [""] + linear_table(result["linear"], result["linear_skipped"], result["kernel_backends"])
     if "e2e" in result:
         mem = "GPU mem" if result["device"] == "cuda" else "RSS"
         lines += ["", f"quantization: {result['e2e']['quantize_s']:.1f} s"] + e2e_table(result["e2e"], mem)
@@ -478,10 +506,12 @@ def run(args) -> int:
     dims = model_dims(args)
     s = resolve_settings(args, device, dims)
     dtype = getattr(torch, dims["dtype"])
+    backends = backends_for(device, args.kernels)
+    kernels.check_name(args.kernel)
     result = {
         "command": command, "device": device.type, "device_name": device_name(device),
         "torch": torch.__version__, "triton": triton_version(),
-        "kernel_backend": kernels.get_backend(device).__name__,
+        "kernel_backends": backends, "e2e_kernel": args.kernel or kernels.choose(device).name,
         "shape": args.shape, "model_path": args.model_path, "layers": dims["layers"], "dtype": dims["dtype"],
         "dims": {k: v for k, v in dims.items() if k not in ("layers", "dtype")},
         "settings": s,
@@ -489,7 +519,7 @@ def run(args) -> int:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_start": load_average(),
     }
     if not args.skip_linear:
-        result["linear"], result["linear_skipped"] = bench_linears(dims, s, device, dtype, args.seed)
+        result["linear"], result["linear_skipped"] = bench_linears(dims, s, device, dtype, args.seed, backends)
     if not args.skip_e2e:
         result["e2e"] = bench_e2e(args, dims, s, device)
     result["load_avg_end"] = load_average()

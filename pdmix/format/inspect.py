@@ -19,9 +19,8 @@ from pdmix.format.description import read_description
 from pdmix.format.names import (ATTN_LINEARS, DESCRIPTION_FILE, FLOAT, INDEX_FILE, INPUT_GROUPS, MLP_LINEARS,
                                 QUANT_SUFFIXES, QUANT_TYPE, WEIGHT_FILE)
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.quant.arithmetic import decode_deq_scale
+from pdmix.schemes.w8a8_mix import PARAM_DTYPES, decode_deq_scale
 
-PARAM_DTYPES = ("BF16", "F16", "F32")  # scales and offsets (SPEC §3: model dtype, or fp32 for some writers)
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEQ_RTOL = 1e-2  # other writers compute deq_scale in another precision; 1% accepts them, catches real errors

@@ -81,7 +81,8 @@ def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized:
     for n in LINEARS:
         p = linear_prefix(i, n)
         if quantized and p in quantized:
-            linears[n] = W8A8MixLinear({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p)
+            linears[n] = W8A8MixLinear.from_tensors({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p,
+                                                      backend="reference")
         else:
             linears[n] = FloatLinear(t[p + ".weight"], t.get(p + ".bias"))
     layer = DecoderLayer(cfg, i, linears, layer_norms(cfg, i, t.__getitem__, t.__contains__))

@@ -13,9 +13,9 @@ from pdmix.errors import PdmixError
 from pdmix.models.linear import RowSplit
 from pdmix.models.model import CausalLM
 from pdmix.runtime import tp as tpm
-from pdmix.runtime.attention import PagedAttention, SeqRows, StepMetadata
+from pdmix.runtime.attention import PagedAttention, SeqRows, StepMetadata, build_metadata
 from pdmix.runtime.kv_cache import KVCache, blocks_needed
-from pdmix.runtime.sampling import SamplingParams, sample_one
+from pdmix.runtime.sampling import SamplingParams, sample
 from pdmix.runtime.scheduler import Plan, Scheduler, Sequence
 from pdmix.runtime.tp import TP
 
@@ -56,7 +56,7 @@ class StepRows:
     def add(self, seq: Sequence, n: int, sample: bool) -> SeqRows:
         """Rows for seq's next n tokens; with sample, the last of them picks seq's next token."""
         start, bs = seq.num_computed, self.block_size
-        rows = SeqRows(len(self.ids), n, start, torch.tensor(seq.block_table))
+        rows = SeqRows(len(self.ids), n, start, seq.block_table)
         self.ids += seq.tokens[start:start + n]
         self.positions += range(start, start + n)
         self.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -77,10 +77,9 @@ def decode_rows(plan: Plan, rows: StepRows) -> list[SeqRows]:
 def prepare(plan: Plan, block_size: int, device: torch.device) -> Batch:
     rows = StepRows(block_size)
     prefill, decode = prefill_rows(plan, rows), decode_rows(plan, rows)
-    for r in prefill + decode:
-        r.block_table = r.block_table.to(device)
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)
-    return Batch(as_tensor(rows.ids), as_tensor(rows.positions), StepMetadata(as_tensor(rows.slots), prefill, decode),
+    meta = build_metadata(as_tensor(rows.slots), prefill, decode, block_size, device)
+    return Batch(as_tensor(rows.ids), as_tensor(rows.positions), meta,
                  [r for r, _ in rows.sample], [s for _, s in rows.sample])
 
 
@@ -122,9 +121,7 @@ class Engine:
         return self.model(batch.input_ids, batch.positions, PagedAttention(self.cache, batch.meta), split)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        tokens = torch.tensor([sample_one(row, s.params, s.tokens, s.generator) for s, row in zip(seqs, logits)],
-                              dtype=torch.long, device=self.device)
-        return tpm.broadcast(tokens, self.tp).tolist()
+        return tpm.broadcast(sample(logits, seqs), self.tp).tolist()
 
     def append(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         seq.output_ids.append(token)

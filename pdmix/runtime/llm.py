@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdmix import kernels
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.format.validate import check_loadable
@@ -44,7 +45,7 @@ class LLM:
 
     def __init__(self, model_path, quant_mode: str = "pdmix", block_size: int = 128, max_batch_size: int = 8,
                  max_prefill_tokens: int | None = None, max_input_length: int = 1024, max_output_length: int = 512,
-                 num_blocks: int | None = None, device: str = "cpu"):
+                 num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None):
         if quant_mode not in MODES:
             raise PdmixError(f"quant_mode must be one of {', '.join(MODES)}, got {quant_mode!r}")
         whole("block_size", block_size, 1, 1 << 16)
@@ -53,6 +54,7 @@ class LLM:
             whole("max_prefill_tokens", max_prefill_tokens, 1)
         if num_blocks is not None:
             whole("num_blocks", num_blocks, 1)
+        kernels.check_name(kernel)
         cfg = load_config(model_path)
         for name, v in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
             whole(name, v, 1, cfg.max_position_embeddings)  # positions past it were never trained
@@ -65,7 +67,7 @@ class LLM:
                         f"max_output_length {max_output_length}) tokens")
         check_loadable(cfg)  # before joining the process group: every rank refuses a bad checkpoint alike
         self.tp, self.device = tpm.init(device)
-        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, check=False)
+        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, check=False)
         self.max_input_length = max_input_length
         cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads // self.tp.size, cfg.head_dim,
                         cfg.dtype, self.device)

@@ -67,6 +67,15 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, seen: list[int], ge
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def sample(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """Next tokens [B] (int64) from fp32 logits [B, vocab], one row per sequence: one argmax for the
+    whole batch when every sequence decodes greedily without a repetition penalty."""
+    if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs):
+        return logits.argmax(-1)
+    return torch.tensor([sample_one(row, s.params, s.tokens, s.generator) for s, row in zip(seqs, logits)],
+                        dtype=torch.long, device=logits.device)
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.greedy:
         return None

@@ -40,6 +40,9 @@ def run_command(module: str, args) -> int:
     except PdmixError as e:
         print(error_line(str(e)), file=sys.stderr, flush=True)
         return 2
+    except BrokenPipeError:  # `pdmix inspect X | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:  # the last net: an operating-system error no check foresaw, still one line
         where = f"{e.filename}: " if e.filename else ""
         print(error_line(f"{where}{e.strerror or e.__class__.__name__}"), file=sys.stderr, flush=True)

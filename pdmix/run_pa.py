@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
-from pdmix.params import number, whole
+from pdmix.params import whole
 
 DEFAULT_INPUT = "What's deep learning?"
 
@@ -125,12 +125,8 @@ def check_flags(args) -> None:
         whole(f"--{name}", getattr(args, name), 1)
     if args.max_prefill_tokens != -1:
         whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
-    number("--temperature", args.temperature, 0)
-    whole("--top_k", args.top_k, -1)
-    number("--top_p", args.top_p, 0, 1, lo_open=True)
-    number("--repetition_penalty", args.repetition_penalty, 0, lo_open=True)
-    if args.seed is not None:
-        whole("--seed", args.seed, 0, 2**64 - 1)
+    from pdmix.runtime.sampling import check_sampling
+    check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, prefix="--")
 
 
 def run(args) -> int:

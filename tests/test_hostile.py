@@ -602,3 +602,17 @@ def test_long_calibration_prompt_attention_is_exact_and_bounded(monkeypatch):
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, kr, vr))
     blocked = pipeline.blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(blocked, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonfinite_scan_agrees_with_isfinite(dtype):
+    """The exponent-bit scan that inspect and every load use, against torch.isfinite."""
+    from pdmix.format.inspect import has_nonfinite
+    x = (torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 1000).to(dtype)
+    x[:2] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max]).to(dtype)  # huge is still finite
+    x[2] = torch.finfo(dtype).tiny / 4  # subnormal
+    assert not has_nonfinite(x) and bool(torch.isfinite(x).all())
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[4321] = bad
+        assert has_nonfinite(y) and not bool(torch.isfinite(y).all())

@@ -7,6 +7,16 @@ import torch
 from pdmix.params import boolean, number, whole
 
 
+def check_sampling(temperature, top_k, top_p, repetition_penalty, seed, prefix: str = "") -> None:
+    """Types and ranges; errors name each parameter with `prefix` ("--" for command-line flags)."""
+    number(f"{prefix}temperature", temperature, 0)
+    whole(f"{prefix}top_k", top_k, -1)
+    number(f"{prefix}top_p", top_p, 0, 1, lo_open=True)
+    number(f"{prefix}repetition_penalty", repetition_penalty, 0, lo_open=True)
+    if seed is not None:
+        whole(f"{prefix}seed", seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -20,12 +30,7 @@ class SamplingParams:
 
     def __post_init__(self):
         whole("max_tokens", self.max_tokens, 1)
-        number("temperature", self.temperature, 0)
-        whole("top_k", self.top_k, -1)
-        number("top_p", self.top_p, 0, 1, lo_open=True)
-        number("repetition_penalty", self.repetition_penalty, 0, lo_open=True)
-        if self.seed is not None:
-            whole("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
         boolean("ignore_eos", self.ignore_eos)
         boolean("return_logits", self.return_logits)
 

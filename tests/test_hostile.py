@@ -609,7 +609,7 @@ def test_nonfinite_scan_agrees_with_isfinite(dtype):
     """The exponent-bit scan that inspect and every load use, against torch.isfinite."""
     from pdmix.format.inspect import has_nonfinite
     x = (torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 1000).to(dtype)
-    x[:2] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max]).to(dtype)  # huge is still finite
+    x[:2] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype)  # huge is still finite
     x[2] = torch.finfo(dtype).tiny / 4  # subnormal
     assert not has_nonfinite(x) and bool(torch.isfinite(x).all())
     for bad in (math.nan, math.inf, -math.inf):

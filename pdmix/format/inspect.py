@@ -136,7 +136,8 @@ def _check_values(st: SafetensorsFolder, prefix: str, model_dtype: torch.dtype |
     def get(suffix):
         return st.get(f"{prefix}.{suffix}")
 
-    if _any(get("weight"), lambda x: x == -128):
+    weight = get("weight").reshape(-1)
+    if any(int(weight[i:i + CHUNK].min()) == -128 for i in range(0, weight.numel(), CHUNK)):
         raise _fail(st, f"{prefix}.weight", "contains -128, outside the symmetric range [-127, 127]")
     if _any(get("weight_offset"), lambda x: x != 0):
         raise _fail(st, f"{prefix}.weight_offset", "not all zero (weights are symmetric)")

@@ -35,14 +35,18 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0   # steps with decode rows only (a mixed step counts as prefill time)
+    prefill_cpu_s: float = 0.0  # CPU time of this process (all its threads) in those steps
+    decode_cpu_s: float = 0.0
 
-    def record(self, n_prefill: int, n_decode: int, seconds: float) -> None:
+    def record(self, n_prefill: int, n_decode: int, seconds: float, cpu_seconds: float) -> None:
         if n_prefill:
             self.prefill_tokens += n_prefill
             self.prefill_s += seconds
+            self.prefill_cpu_s += cpu_seconds
         else:
             self.decode_tokens += n_decode
             self.decode_s += seconds
+            self.decode_cpu_s += cpu_seconds
 
 
 class StepRows:
@@ -101,7 +105,7 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One forward over the scheduled rows; returns the sequences that finished."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         plan = self.scheduler.schedule()
         if not plan:
             raise PdmixError("scheduler made no progress (KV cache too small for the batch?)")
@@ -114,7 +118,7 @@ class Engine:
         for seq in plan.decode:
             seq.num_computed += 1
         finished = [seq for seq, token, row in zip(batch.sample_seqs, tokens, logits) if self.append(seq, token, row)]
-        self.stats.record(n_prefill, len(plan.decode), time.perf_counter() - start)
+        self.stats.record(n_prefill, len(plan.decode), time.perf_counter() - start, time.process_time() - cpu_start)
         return finished
 
     def forward(self, batch: Batch, split: RowSplit) -> torch.Tensor:

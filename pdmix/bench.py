@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
+from pdmix.paths import check_output_file, write_output_file
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
 from pdmix.synth import SHAPES
@@ -589,6 +590,8 @@ def run(args) -> int:
     from pdmix.device import resolve_device
 
     check_args(args)
+    if args.output:
+        check_output_file(args.output)  # now, not after the whole run
     if args.threads:
         torch.set_num_threads(args.threads)
     command = command_line(args)
@@ -615,7 +618,11 @@ def run(args) -> int:
     result["load_avg_end"] = load_average()
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        try:
+            write_output_file(args.output, text + "\n")
+        except PdmixError:
+            print(text)  # the results are not lost to a disk that filled during the run
+            raise
     table = format_table(result)
     if args.json:
         print(text)

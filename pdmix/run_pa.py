@@ -4,11 +4,11 @@
 rank 0 prints. Prompts come from --input_texts, --input_ids or --input_file (jsonl chats).
 """
 
-import argparse
 import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.params import whole
 
 DEFAULT_INPUT = "What's deep learning?"
 
@@ -45,9 +45,11 @@ def add_arguments(p) -> None:
 def read_chats(path: str) -> list[list[dict]]:
     chats = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise PdmixError(f"{path}: cannot read ({e.strerror})") from None
+        raise PdmixError(f"--input_file {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PdmixError(f"--input_file {path}: not UTF-8 text (byte {e.start})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -59,6 +61,10 @@ def read_chats(path: str) -> list[list[dict]]:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in messages):
             raise PdmixError(f"{path}:{n}: expected a list of {{role, content}} messages or {{\"messages\": [...]}}")
+        if not messages:
+            raise PdmixError(f"{path}:{n}: an empty chat (no messages)")
+        if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
+            raise PdmixError(f"{path}:{n}: a message's role and content must be strings")
         chats.append(messages)
     if not chats:
         raise PdmixError(f"{path}: no chats")
@@ -66,15 +72,28 @@ def read_chats(path: str) -> list[list[dict]]:
 
 
 def chat_template(arg: str | None, tokenizer) -> str:
+    """--chat_template: a Jinja template string (it holds {{ or {%), or else the file that holds one."""
     if arg is not None:
-        return Path(arg).read_text() if Path(arg).is_file() else arg
+        if "{{" in arg or "{%" in arg:
+            return arg
+        try:
+            return Path(arg).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise PdmixError(f"--chat_template {arg[:80]!r}: neither a template (no {{{{ or {{%) nor a readable "
+                             f"file ({reason})") from None
     if not tokenizer.chat_template:
         raise PdmixError("the tokenizer has no chat template; pass --chat_template")
     return tokenizer.chat_template
 
 
 def apply_chat(tokenizer, template: str, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as e:  # jinja2's TemplateSyntaxError, UndefinedError, or a raise_exception() in the template
+        raise PdmixError(f"--chat_template: the chat template fails ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -104,6 +123,17 @@ def build_prompts(args, llm) -> tuple[list[str], list[list[int]]]:
     return texts, [llm.encode(t) for t in texts]
 
 
+def check_flags(args) -> None:
+    for name in ("max_batch_size", "max_input_length", "max_output_length", "block_size"):
+        whole(f"--{name}", getattr(args, name), 1)
+    if args.threads is not None:
+        whole("--threads", args.threads, 1)
+    if args.max_prefill_tokens != -1:
+        whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
+    from pdmix.runtime.sampling import check_sampling
+    check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, prefix="--")
+
+
 def run(args) -> int:
     import torch
 
@@ -111,9 +141,8 @@ def run(args) -> int:
     from pdmix.runtime.llm import LLM
     from pdmix.runtime.sampling import SamplingParams
 
+    check_flags(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise PdmixError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -149,11 +178,15 @@ def summary(s, n: int, tp_size: int, kernel_names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdmix.cli import run_command
+    from pdmix.cli import Parser, run_command
 
-    parser = argparse.ArgumentParser(prog="python -m pdmix.run_pa", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m pdmix.run_pa", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_command("pdmix.run_pa", parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return run_command("pdmix.run_pa", args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,17 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmix.errors import PdmixError
+from pdmix.params import boolean, number, whole
+
+
+def check_sampling(temperature, top_k, top_p, repetition_penalty, seed, prefix: str = "") -> None:
+    """Types and ranges; errors name each parameter with `prefix` ("--" for command-line flags)."""
+    number(f"{prefix}temperature", temperature, 0)
+    whole(f"{prefix}top_k", top_k, -1)
+    number(f"{prefix}top_p", top_p, 0, 1, lo_open=True)
+    number(f"{prefix}repetition_penalty", repetition_penalty, 0, lo_open=True)
+    if seed is not None:
+        whole(f"{prefix}seed", seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
 
 
 @dataclass
@@ -19,14 +29,10 @@ class SamplingParams:
     return_logits: bool = False   # keep the fp32 logits each output token was sampled from
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise PdmixError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise PdmixError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PdmixError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise PdmixError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        whole("max_tokens", self.max_tokens, 1)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
+        boolean("ignore_eos", self.ignore_eos)
+        boolean("return_logits", self.return_logits)
 
     @property
     def greedy(self) -> bool:

@@ -37,7 +37,7 @@ class PrefillGroup:
 @dataclass
 class DecodeGroup:
     block_tables: torch.Tensor    # int64 [B, nb]: each sequence's cache blocks (padded with block 0)
-    mask: torch.Tensor            # additive fp32 [B, nb, 1, 1, block]: -inf past a sequence's last token
+    mask: torch.Tensor            # additive fp32 [B, 1, 1, nb * block]: -inf past a sequence's last token
 
 
 @dataclass
@@ -81,10 +81,11 @@ def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | 
         return None
     n_blocks = [-(-(s.context + 1) // block_size) for s in seqs]
     tables, _ = padded([s.block_table[:n] for s, n in zip(seqs, n_blocks)], device)
-    pos = torch.arange(tables.shape[1] * block_size, device=device).view(1, -1, 1, 1, block_size)
-    lengths = torch.tensor([s.context + 1 for s in seqs], device=device).view(-1, 1, 1, 1, 1)
-    mask = torch.zeros(pos.shape[1:], dtype=torch.float32, device=device).expand(len(seqs), *pos.shape[1:])
-    return DecodeGroup(tables, mask.masked_fill(pos >= lengths, float("-inf")))
+    pos = torch.arange(tables.shape[1] * block_size, device=device)
+    lengths = torch.tensor([s.context + 1 for s in seqs], device=device)
+    mask = torch.zeros((len(seqs), pos.shape[0]), dtype=torch.float32, device=device)
+    mask.masked_fill_(pos[None, :] >= lengths[:, None], float("-inf"))
+    return DecodeGroup(tables, mask[:, None, None, :])
 
 
 def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: list[SeqRows], block_size: int,
@@ -93,38 +94,35 @@ def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: l
                         decode_group(decode, block_size, device))
 
 
-def prefill_attention(q, k, v, k_flat, v_flat, g: PrefillGroup) -> torch.Tensor:
+def prefill_attention(q, k, v, cache: KVCache, layer: int, g: PrefillGroup) -> torch.Tensor:
     """q/k/v [n_prefill, heads, D] -> [n_prefill, H, D]."""
     if g.kv_slots is None:  # one whole prompt: causal attention over its own rows
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                            is_causal=True, enable_gqa=True)
         return o[0].transpose(0, 1)
     qp = q[g.rows].transpose(1, 2)                                    # [P, H, Q, D]
-    kp, vp = k_flat[g.kv_slots].transpose(1, 2), v_flat[g.kv_slots].transpose(1, 2)  # [P, KV, L, D]
+    # [P, KV, L, D], head_dim contiguous as SDPA's fused kernel wants
+    kp, vp = (t.to(q.dtype, memory_format=torch.contiguous_format) for t in cache.tokens(layer, g.kv_slots))
     o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=g.mask, enable_gqa=True).transpose(1, 2)  # [P, Q, H, D]
     return o.reshape(-1, *o.shape[2:]) if g.valid is None else o[g.valid]
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
-    """q [B, H, D], one row per sequence -> [B, H, D], reading each sequence's keys block by block
-    through its block table (k_cache/v_cache [blocks, block, KV, D]).
+def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup) -> torch.Tensor:
+    """q [B, H, D], one row per sequence -> [B, H, D], reading each sequence's keys and values through
+    its block table in one batched computation.
 
-    Batch-invariant by construction: every reduction runs over one cache block (a fixed length) or
-    over a sequence's blocks in order, and padding blocks add exact zeros, so a sequence's output is
-    bit for bit the same alone or in any batch. Written out rather than CPU SDPA (several times
-    slower for one query row); fp32 math, as SDPA accumulates."""
+    Written out rather than CPU SDPA (several times slower for one query row), in fp32 as SDPA
+    accumulates. Padding past a sequence's end is masked to -inf, so it adds exact zeros after the
+    sequence's own terms, and the key operand is contiguous along tokens whatever the batch: a
+    sequence's output is the same alone or in a batch (tested bit for bit)."""
     b, h, d = q.shape
-    kv = k_cache.shape[2]
-    k, v = k_cache[g.block_tables].float(), v_cache[g.block_tables].float()   # [B, nb, block, KV, D]
-    scores = torch.matmul(q.float().view(b, 1, kv, h // kv, d), k.permute(0, 1, 3, 4, 2))  # [B, nb, KV, G, block]
+    k, v = cache.blocks(layer, g.block_tables)                             # [B, KV, D, L], [B, L, KV, D]
+    kv = k.shape[1]
+    scores = torch.matmul(q.float().view(b, kv, h // kv, d), k.float())    # [B, KV, G, L]
     scores = scores.mul_(d ** -0.5).add_(g.mask)
-    e = (scores - scores.amax(dim=(1, 4), keepdim=True)).exp_()
-    o_blocks = torch.matmul(e, v.permute(0, 1, 3, 2, 4))                      # [B, nb, KV, G, D]
-    e_blocks = e.sum(-1, keepdim=True)                                        # [B, nb, KV, G, 1]
-    o, total = o_blocks[:, 0], e_blocks[:, 0]
-    for i in range(1, o_blocks.shape[1]):  # in block order: trailing padding blocks add exact zeros
-        o, total = o + o_blocks[:, i], total + e_blocks[:, i]
-    return (o / total).reshape(b, h, d).to(q.dtype)
+    e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    o = torch.matmul(e, v.float().transpose(1, 2)).div_(e.sum(-1, keepdim=True))  # [B, KV, G, D]
+    return o.view(b, h, d).to(q.dtype)
 
 
 class PagedAttention:
@@ -135,11 +133,11 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
-        k_flat, v_flat = self.cache.write(layer, m.slot_mapping, k, v)
+        self.cache.write(layer, m.slot_mapping, k, v)
         n = m.n_prefill
         parts = []
         if m.prefill is not None:
-            parts.append(prefill_attention(q[:n], k[:n], v[:n], k_flat, v_flat, m.prefill))
+            parts.append(prefill_attention(q[:n], k[:n], v[:n], self.cache, layer, m.prefill))
         if m.decode is not None:
-            parts.append(decode_attention(q[n:], self.cache.k[layer], self.cache.v[layer], m.decode))
+            parts.append(decode_attention(q[n:], self.cache, layer, m.decode))
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -13,7 +13,7 @@ from pdmix.params import whole
 from pdmix.models.linear import MODES
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.engine import Engine, Stats
-from pdmix.runtime.kv_cache import KVCache, blocks_needed
+from pdmix.runtime.kv_cache import KVCache, blocks_needed, cache_dtype
 from pdmix.runtime.loader import load_model
 from pdmix.runtime.sampling import SamplingParams, make_generator
 from pdmix.tokenizer import load_tokenizer
@@ -70,7 +70,7 @@ class LLM:
         self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, check=False)
         self.max_input_length = max_input_length
         cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads // self.tp.size, cfg.head_dim,
-                        cfg.dtype, self.device)
+                        cache_dtype(cfg.dtype, self.device), self.device)
         prefill_budget = max_prefill_tokens or max_batch_size * max_input_length
         scheduler = Scheduler(cache.allocator, block_size, max_batch_size, prefill_budget)
         self.engine = Engine(self.model, cache, scheduler, cfg.eos_token_ids, quant_mode, self.tp, self.device)
@@ -191,7 +191,7 @@ def available_memory(device: torch.device) -> int | None:
 def check_kv_memory(cfg, num_blocks: int, block_size: int, tp_size: int, device: torch.device, what: str) -> None:
     """Refuse a KV cache that cannot fit before allocating it (a typo such as --max_batch_size 1e7 would
     otherwise ask the allocator for hundreds of GB)."""
-    elt = torch.empty((), dtype=cfg.dtype).element_size()
+    elt = torch.empty((), dtype=cache_dtype(cfg.dtype, device)).element_size()
     need = num_blocks * block_size * cfg.num_layers * 2 * (cfg.num_kv_heads // tp_size) * cfg.head_dim * elt
     free = available_memory(device)
     if free is not None and need > free:

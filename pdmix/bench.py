@@ -88,6 +88,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--hf", action="store_true",
                    help="also time transformers' bf16 generate (prefill, and decode at batch 1) on the float model")
+    p.add_argument("--peaks", action="store_true",
+                   help="also measure the machine's GEMM and copy peaks and say what bounds each linear timing")
     p.add_argument("--kernels", type=name_list, default=None,
                    help="W8A8 kernel backends timed at linear level (default: all that run on the device)")
     p.add_argument("--kernel", default=None, help="force this kernel backend end to end (default: the device's first)")
@@ -225,6 +227,47 @@ def peak_memory(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # kB on Linux
+
+
+# ---------------------------------------------------------------- the machine's measured peaks
+
+PEAK_GEMM = 2048      # M = N = K of the GEMMs that measure compute peaks
+PEAK_COPY_BYTES = 1 << 28
+
+
+def machine_peaks(device: torch.device, dtype: torch.dtype, s: dict) -> dict:
+    """What this device reaches on work that is pure compute or pure memory traffic, for judging each
+    linear's number against: bf16 and int8 GEMM throughput at a large square size, and copy bandwidth
+    (bytes read + written) of a 256 MiB tensor."""
+    n = PEAK_GEMM
+    a, b = activation(n, n, dtype, device, 1), activation(n, n, dtype, device, 2)
+    peaks = {"bf16_gflops": 2 * n ** 3 / median_time(lambda: F.linear(a, b), device, 1, 3) / 1e9}
+    params = w8a8_mix.W8A8Params(weight=torch.ones(n, n, dtype=torch.int8, device=device),
+                                 weight_scale=torch.ones(n, device=device), input_scale=torch.ones((), device=device),
+                                 input_offset=torch.zeros((), device=device), deq_scale=torch.ones(n, device=device),
+                                 quant_bias=torch.zeros(n, dtype=torch.int32, device=device),
+                                 bias_float=torch.zeros(n, device=device))
+    kernel = kernels.build(params, dtype)
+    x_q = activation(n, n, dtype, device, 3).clamp(-100, 100)
+    if hasattr(kernel, "gemm"):  # the int8 GEMM alone, without quantization
+        from pdmix.kernels.onednn import quantize_static_u8
+        x_u8 = quantize_static_u8(x_q, params.input_scale, params.input_offset)
+        peaks["int8_gops"] = 2 * n ** 3 / median_time(lambda: kernel.gemm(x_u8, None), device, 1, 3) / 1e9
+    src = torch.empty(PEAK_COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    peaks["copy_gbps"] = 2 * PEAK_COPY_BYTES / median_time(lambda: dst.copy_(src), device, 1, 5) / 1e9
+    return {k: sig(v) for k, v in peaks.items()}
+
+
+def bound(row_path: dict, flop: int, weight_bytes: int, peaks: dict, int8: bool) -> dict:
+    """The fraction of the compute peak and of the memory peak that one timing reached."""
+    seconds = row_path["ms"] / 1e3
+    compute = peaks.get("int8_gops" if int8 else "bf16_gflops")
+    gflops, gbps = flop / seconds / 1e9, weight_bytes / seconds / 1e9
+    out = {"gbps": sig(gbps), "of_copy_peak": sig(gbps / peaks["copy_gbps"])}
+    if compute:
+        out["of_compute_peak"] = sig(gflops / compute)
+    return out
 
 
 # ---------------------------------------------------------------- (a) linear level
@@ -613,6 +656,15 @@ def run(args) -> int:
     }
     if not args.skip_linear:
         result["linear"], result["linear_skipped"] = bench_linears(dims, s, device, dtype, args.seed, backends)
+        if args.peaks:
+            log("measuring the machine's peaks (GEMM throughput, copy bandwidth)")
+            result["peaks"] = peaks = machine_peaks(device, dtype, s)
+            for row in result["linear"]:
+                flop, k_n = 2 * row["m"] * row["n"] * row["k"], row["n"] * row["k"]
+                row["bf16"]["bound"] = bound(row["bf16"], flop, 2 * k_n, peaks, int8=False)
+                for name in backends:
+                    for path in W8A8_PATHS:
+                        row[name][path]["bound"] = bound(row[name][path], flop, k_n, peaks, int8=True)
     if not args.skip_e2e:
         result["e2e"] = bench_e2e(args, dims, s, device)
     result["load_avg_end"] = load_average()

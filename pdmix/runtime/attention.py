@@ -38,6 +38,7 @@ class PrefillGroup:
 class DecodeGroup:
     block_tables: torch.Tensor    # int64 [B, nb]: each sequence's cache blocks (padded with block 0)
     mask: torch.Tensor            # additive fp32 [B, 1, 1, nb * block]: -inf past a sequence's last token
+    first_block: int | None = None  # one sequence on consecutive blocks from here: read in place, no gather
 
 
 @dataclass
@@ -85,7 +86,9 @@ def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | 
     lengths = torch.tensor([s.context + 1 for s in seqs], device=device)
     mask = torch.zeros((len(seqs), pos.shape[0]), dtype=torch.float32, device=device)
     mask.masked_fill_(pos[None, :] >= lengths[:, None], float("-inf"))
-    return DecodeGroup(tables, mask[:, None, None, :])
+    table = seqs[0].block_table[:n_blocks[0]]
+    consecutive = len(seqs) == 1 and table == list(range(table[0], table[0] + len(table)))
+    return DecodeGroup(tables, mask[:, None, None, :], table[0] if consecutive else None)
 
 
 def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: list[SeqRows], block_size: int,
@@ -116,7 +119,10 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
     sequence's own terms, and the key operand is contiguous along tokens whatever the batch: a
     sequence's output is the same alone or in a batch (tested bit for bit)."""
     b, h, d = q.shape
-    k, v = cache.blocks(layer, g.block_tables)                             # [B, KV, D, L], [B, L, KV, D]
+    if g.first_block is None:
+        k, v = cache.blocks(layer, g.block_tables)                         # [B, KV, D, L], [B, L, KV, D]
+    else:
+        k, v = cache.block_range(layer, g.first_block, g.block_tables.shape[1])
     kv = k.shape[1]
     scores = torch.matmul(q.float().view(b, kv, h // kv, d), k.float())    # [B, KV, G, L]
     scores = scores.mul_(d ** -0.5).add_(g.mask)

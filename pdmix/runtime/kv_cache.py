@@ -60,6 +60,11 @@ class KVCache:
         b = block_tables.shape[0]
         return k.view(kv, d, b, -1).permute(2, 0, 1, 3), v.view(b, -1, kv, d)
 
+    def block_range(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As blocks() for one sequence on blocks first .. first + n - 1: views, no copy."""
+        start, stop = first * self.block_size, (first + n) * self.block_size
+        return self.k[layer][None, :, :, start:stop], self.v[layer][None, start:stop]
+
     def tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots [P, L], both as [P, KV, L, D]."""
         return self.k[layer][:, :, slots].permute(2, 0, 3, 1), self.v[layer][slots].transpose(1, 2)

@@ -17,6 +17,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     return_logits: bool = False   # keep the fp32 logits each output token was sampled from
+    logprobs: int | None = None   # keep each output token's logprob and the top-N alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -27,6 +28,8 @@ class SamplingParams:
             raise PdmixError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise PdmixError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise PdmixError(f"logprobs must be >= 0, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -75,3 +78,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     else:
         g.manual_seed(params.seed)
     return g
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of token (before any penalty or temperature) and its top candidates."""
+    logp = logits.float().log_softmax(-1)
+    values, ids = logp.topk(min(top, logp.shape[-1]))
+    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

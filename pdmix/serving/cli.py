@@ -4,6 +4,7 @@ Under `torchrun --nproc_per_node N -m pdmix serve ...` every rank loads its shar
 HTTP and broadcasts each step's new requests and aborts, the other ranks follow.
 """
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def serve(llm, args, group) -> None:
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                print(f"pdmix serve: {name} on http://{args.host}:{args.port} (tp {llm.tp.size})", flush=True)
+                print(f"pdmix serve: {name} on http://{args.host}:{args.port} (tp {llm.tp.size}, pid {os.getpid()})",
+                      flush=True)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)

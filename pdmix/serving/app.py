@@ -147,9 +147,11 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(stream(req, fmt, prompt_tokens, include_usage, logprobs is not None),
                                      media_type="text/event-stream")
-        return JSONResponse(await collect(request, req, fmt, prompt_tokens, logprobs is not None))
+        body = await collect(request, req, fmt, prompt_tokens, logprobs is not None)
+        return Response(status_code=499) if body is None else JSONResponse(body)  # 499: the client went away
 
-    async def collect(request: Request, req: EngineRequest, fmt: Format, prompt_tokens: int, want_logprobs: bool):
+    async def collect(request: Request, req: EngineRequest, fmt: Format, prompt_tokens: int,
+                      want_logprobs: bool) -> dict | None:
         n = len(req.choices)
         texts, entries, reasons, completion = [""] * n, [[] for _ in range(n)], [None] * n, 0
         watch = asyncio.create_task(watch_disconnect(request, req))
@@ -157,7 +159,8 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
             while None in reasons:
                 ev = await req.events.get()
                 if ev is GONE:
-                    raise asyncio.CancelledError
+                    engine.cancel(req)
+                    return None
                 if isinstance(ev, Failed):
                     raise ApiError(500, ev.message)
                 if isinstance(ev, Delta):

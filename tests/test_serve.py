@@ -4,6 +4,8 @@
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +55,22 @@ def ref(ck):
 
 def chat(content):
     return [{"role": "user", "content": content}]
+
+
+def test_bad_command_lines_are_one_line_errors(ck):
+    from servers import REPO, free_port
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, msg in (([str(ck) + "-missing", "--port", free_port()], "not a directory"),
+                          ([str(ck), "--port", port], "cannot listen"), ([str(ck), "--port", 70000], "--port must be")):
+            args = list(map(str, args))
+            p = subprocess.run([sys.executable, "-m", "pdmix", "serve", *args, "--device", "cpu"], capture_output=True,
+                               text=True, env=env, timeout=120)
+            assert p.returncode == 2 and p.stderr.startswith("pdmix: error: ") and msg in p.stderr, p.stderr
+            assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1
 
 
 def test_models_and_health(srv):

@@ -88,12 +88,17 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "pdmix",
                                             "max_model_len": llm.max_input_length + cfg.max_output_length}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def accept(request: Request, model: type[Common]) -> Common:
+        """The request's body, once the key, the JSON, its fields and the model name check out."""
         authorize(request)
-        body = parse(CompletionRequest, await request.body())
+        body = parse(model, await request.body())
         check_model(body.model)
         body.check_unsupported()
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await accept(request, CompletionRequest)
         p = body.prompt
         if isinstance(p, list) and not p:
             raise ApiError(400, "prompt: empty list", "prompt")
@@ -104,10 +109,7 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        body = parse(ChatRequest, await request.body())
-        check_model(body.model)
-        body.check_unsupported()
+        body = await accept(request, ChatRequest)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         try:

@@ -6,6 +6,7 @@ HTTP and broadcasts each step's new requests and aborts, the other ranks follow.
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def run(args) -> int:
         raise PdmixError(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
     if args.num_blocks is not None and args.num_blocks < 1:
         raise PdmixError(f"--num_blocks must be at least 1, got {args.num_blocks}")
+    if tp.from_env().is_main:
+        check_port(args.host, args.port)  # before minutes of loading, not after
     llm = LLM(args.model, quant_mode=args.quant_mode, block_size=args.block_size, max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
               max_input_length=args.max_input_length, max_output_length=args.max_output_length,
@@ -69,6 +72,14 @@ def run(args) -> int:
     finally:
         tp.shutdown()
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise PdmixError(f"cannot listen on {host}:{port} ({e.strerror})") from None
 
 
 def serve(llm, args, group) -> None:

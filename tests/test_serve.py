@@ -304,10 +304,10 @@ def test_malformed_requests_get_openai_errors_and_the_server_goes_on(srv):
 
 def test_sigterm_while_streaming_exits_0_and_ends_every_stream_cleanly(ck):
     with serve(ck, "--block_size", 16, "--max_output_length", 4000, "--shutdown_timeout", 1) as s:
-        results, first = {}, threading.Barrier(4)
+        results, first = {}, threading.Barrier(5)
 
-        def client(i):
-            stream = s.client().completions.create(model="tiny-w8a8", prompt=f"Story {i}", max_tokens=4000,
+        def client(i):  # three that the grace period cannot finish, one that it can
+            stream = s.client().completions.create(model="tiny-w8a8", prompt=f"Story {i}", max_tokens=4000 if i < 3 else 40,
                                                    temperature=0, stream=True, extra_body={"ignore_eos": True})
             reason, started = None, False
             for ch in stream:  # raises if the stream is cut off without [DONE]
@@ -317,10 +317,10 @@ def test_sigterm_while_streaming_exits_0_and_ends_every_stream_cleanly(ck):
                 reason = ch.choices[0].finish_reason or reason
             results[i] = reason
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        first.wait()  # all three are streaming
+        first.wait()  # all four are streaming
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         rc = s.proc.wait(timeout=20)
@@ -330,7 +330,7 @@ def test_sigterm_while_streaming_exits_0_and_ends_every_stream_cleanly(ck):
         err = s.proc.stderr.read()
     assert rc == 0, err
     assert elapsed < 8
-    assert results == {0: "abort", 1: "abort", 2: "abort"}  # 4000 tokens take far longer than the 1 s grace
+    assert results == {0: "abort", 1: "abort", 2: "abort", 3: "length"}  # 4000 tokens take far longer than 1 s
     assert "Traceback" not in err
 
 

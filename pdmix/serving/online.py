@@ -266,11 +266,11 @@ class OnlineEngine:
         before = {key: (c.seq.num_computed, len(c.seq.output_ids)) for key, _, c in running}
         try:
             self.lock.step()
-        except Exception as e:
+        except Exception as e:  # the batch is lost (Lockstep freed it); queued requests go on
             log.exception("engine step failed")
-            for req, _ in list(self.choices.values()):
+            for key, req, c in running:
+                self._drop(key, "error")
                 req.push(Failed(f"engine step failed: {e.__class__.__name__}"))
-            self.choices.clear()
             return
         now = time.perf_counter()
         advanced = sum(c.seq.num_computed > before[k][0] or len(c.seq.output_ids) > before[k][1] for k, _, c in running)

@@ -105,8 +105,8 @@ def main() -> int:
 
     n = args.requests or 2 * args.clients
     rng = random.Random(args.seed)
-    work = [([rng.randrange(args.vocab) for _ in range(rng.randint(*args.prompt_tokens))], rng.randint(*args.max_tokens))
-            for _ in range(n)]
+    work = [([rng.randrange(args.vocab) for _ in range(rng.randint(*args.prompt_tokens))],
+             rng.randint(*args.max_tokens)) for _ in range(n)]
     model = args.served_model_name or Path(args.model).resolve().name
     proc = None
     url = args.url

@@ -1,6 +1,7 @@
 """`pdmix serve` as a real subprocess on a loopback port, driven by the `openai` client: answers equal
 `pdmix.LLM`'s, concurrent streams, dropped clients, malformed requests, SIGTERM."""
 
+import json
 import os
 import re
 import signal
@@ -213,7 +214,8 @@ def test_a_dropped_client_is_cancelled_and_its_blocks_freed(srv):
     before = srv.metrics()
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
     conn.request("POST", "/v1/completions", headers=headers,
-                 body='{"model": "tiny-w8a8", "prompt": "Go on", "max_tokens": 192, "ignore_eos": true, "stream": true}')
+                 body=json.dumps({"model": "tiny-w8a8", "prompt": "Go on", "max_tokens": 192, "ignore_eos": True,
+                                  "stream": True}))
     resp = conn.getresponse()
     assert resp.status == 200
     lines = 0
@@ -229,7 +231,7 @@ def test_a_dropped_client_is_cancelled_and_its_blocks_freed(srv):
     before = m
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
     conn.request("POST", "/v1/completions", headers=headers,
-                 body='{"model": "tiny-w8a8", "prompt": "Go", "max_tokens": 192, "n": 16, "ignore_eos": true}')
+                 body=json.dumps({"model": "tiny-w8a8", "prompt": "Go", "max_tokens": 192, "n": 16, "ignore_eos": True}))
     time.sleep(0.3)
     conn.sock.close()
     m = wait_cancelled(srv, before, 8)  # about one choice's worth of time passed: most were still queued
@@ -308,8 +310,8 @@ def test_sigterm_while_streaming_exits_0_and_ends_every_stream_cleanly(ck):
         results, first = {}, threading.Barrier(5)
 
         def client(i):  # three that the grace period cannot finish, one that it can
-            stream = s.client().completions.create(model="tiny-w8a8", prompt=f"Story {i}", max_tokens=4000 if i < 3 else 40,
-                                                   temperature=0, stream=True, extra_body={"ignore_eos": True})
+            stream = s.client().completions.create(model="tiny-w8a8", prompt=f"Story {i}", temperature=0, stream=True,
+                                                   max_tokens=4000 if i < 3 else 40, extra_body={"ignore_eos": True})
             reason, started = None, False
             for ch in stream:  # raises if the stream is cut off without [DONE]
                 if not started:

@@ -199,7 +199,8 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
                     yield sse(ApiError(500, ev.message).body)
                     break
                 if isinstance(ev, Delta) and (ev.text or want_logprobs):
-                    lp = fmt.logprobs(list(zip(ev.token_ids, ev.logprobs)), offsets[ev.index]) if want_logprobs else None
+                    entries = list(zip(ev.token_ids, ev.logprobs))
+                    lp = fmt.logprobs(entries, offsets[ev.index]) if want_logprobs else None
                     offsets[ev.index] += len(ev.text)
                     yield sse(fmt.chunk(ev.index, ev.text, lp))
                 if isinstance(ev, Finished):

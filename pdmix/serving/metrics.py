@@ -10,7 +10,8 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.running = Gauge("pdmix_requests_running", "sequences in the running batch", registry=r)
-        self.waiting = Gauge("pdmix_requests_waiting", "sequences waiting for a batch slot or KV cache room", registry=r)
+        self.waiting = Gauge("pdmix_requests_waiting", "sequences waiting for a batch slot or KV cache room",
+                             registry=r)
         self.kv_used = Gauge("pdmix_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_total = Gauge("pdmix_kv_blocks_total", "KV cache blocks in all", registry=r)
         self.preemptions = Gauge("pdmix_preemptions", "sequences preempted (recomputed) so far", registry=r)

@@ -41,13 +41,13 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
     assert rc == 0
     result = json.loads(out)
     assert json.loads(out_file.read_text()) == result
-    for key in ("command", "device", "device_name", "torch", "triton", "kernel_backend", "shape", "layers", "dtype",
+    for key in ("command", "device", "device_name", "torch", "triton", "kernel_backends", "e2e_kernel", "shape", "layers", "dtype",
                 "dims", "settings", "linear", "linear_skipped", "e2e", "peak_mem_kind", "cpu_count", "torch_threads",
                 "load_avg_start", "load_avg_end"):
         assert key in result, key
     assert result["command"].startswith("pdmix bench --shape tiny --layers 2 --device cpu --m 1,16")
     assert (result["device"], result["shape"], result["layers"], result["dtype"]) == ("cpu", "tiny", 2, "bfloat16")
-    assert result["torch"] == torch.__version__ and result["kernel_backend"] == "pdmix.kernels.reference"
+    assert result["torch"] == torch.__version__ and result["kernel_backends"] == ["onednn", "reference"]
     assert all(x > 0 for x in positive_numbers({k: result[k] for k in ("dims", "settings", "linear", "e2e")}))
 
     assert {(r["layer"], r["m"]) for r in result["linear"]} == {
@@ -57,19 +57,26 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
     assert (qkv["n"], qkv["k"]) == ((4 + 2 * 2) * 16, 64)
     for row in result["linear"]:
         assert set(row["bf16"]) == {"ms", "tflops"}
-        for path in ("w8a8_dynamic", "w8a8_static"):
-            assert set(row[path]) == {"ms", "tflops", "speedup", "rel_err"}
-            assert row[path]["rel_err"] < 0.05
-            flop = 2 * row["m"] * row["n"] * row["k"]
-            assert row[path]["tflops"] == pytest.approx(flop / (row[path]["ms"] * 1e-3) / 1e12, rel=1e-2)
+        for backend in ("onednn", "reference"):
+            for path in ("dynamic", "static"):
+                timing = row[backend][path]
+                assert set(timing) == {"ms", "tflops", "speedup", "rel_err"}
+                assert timing["rel_err"] < 0.05
+                flop = 2 * row["m"] * row["n"] * row["k"]
+                assert timing["tflops"] == pytest.approx(flop / (timing["ms"] * 1e-3) / 1e12, rel=1e-2)
 
+    e2e = result["e2e"]
+    assert [p["prompt_len"] for p in e2e["prefill"]] == [16]
+    assert [p["batch_size"] for p in e2e["decode"]] == [1, 2]
+    for point in e2e["prefill"] + e2e["decode"]:
+        assert set(point["float"]) >= {"tokens_per_s", "tokens_per_cpu_s"}
+        assert point["pdmix"]["speedup"] == pytest.approx(point["pdmix"]["tokens_per_s"] / point["float"]["tokens_per_s"],
+                                                          rel=1e-2)
+    assert "ttft_ms" in e2e["prefill"][0]["pdmix"] and "tpot_ms" in e2e["decode"][0]["pdmix"]
     for engine in ("float", "pdmix"):
-        e = result["e2e"][engine]
-        assert [p["prompt_len"] for p in e["prefill"]] == [16]
-        assert [p["batch_size"] for p in e["decode"]] == [1, 2]
-        assert set(e["prefill"][0]) == {"prompt_len", "tokens_per_s", "ttft_ms"}
-        assert set(e["decode"][0]) == {"batch_size", "prompt_len", "tokens_per_s", "tpot_ms", "ttft_ms"}
-        assert e["peak_mem_bytes"] > 2**20
+        facts = e2e["engines"][engine]
+        assert facts["tensor_bytes"] > 0 and facts["kv_cache_bytes"] > 0
+    assert e2e["peak_mem_bytes"] > 2**20
     assert "linear level" in err and "end to end" in err and "decode B=2" in err
 
 
@@ -77,16 +84,17 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
 def test_bench_linear_computes_what_bf16_computes(n, k):
     """The timed W8A8 computation is correct: both paths within 5% of bf16 F.linear on one input."""
     cpu = torch.device("cpu")
-    w, lin = bench.make_linear_pair(n, k, torch.bfloat16, cpu, seed=3)
-    assert lin.kernels is kernels.get_backend(cpu)
+    w, params = bench.make_linear_pair(n, k, torch.bfloat16, cpu, seed=3)
     x = torch.randn(33, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     ref = F.linear(x, w).float()
-    for path in ("w8a8_dynamic", "w8a8_static"):
-        y = bench.run_path(path, x, w, lin)
-        assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-        err = ((y.float() - ref).norm() / ref.norm()).item()
-        assert err < 0.05, (path, err)
-    assert torch.equal(bench.run_path("bf16", x, w, lin), F.linear(x, w))
+    for name in bench.backends_for(cpu, None):
+        kernel = kernels.build(params, torch.bfloat16, name)
+        for path in ("dynamic", "static"):
+            y = bench.run_path(path, x, w, kernel)
+            assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert err < 0.05, (name, path, err)
+    assert torch.equal(bench.run_path("bf16", x, w), F.linear(x, w))
 
 
 def test_linear_shapes_follow_the_model():

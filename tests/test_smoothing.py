@@ -183,7 +183,7 @@ def static_layer(case, tensors):
     def make(name):
         scale, offset = observers[name.rpartition(".")[2]].params(case.cfg.dtype)
         q = quantize_linear(tensors[name + ".weight"], tensors.get(name + ".bias"), scale, offset)
-        return W8A8MixLinear(q.__dict__, case.cfg.dtype, name)
+        return W8A8MixLinear.from_tensors(q.__dict__, case.cfg.dtype, name, backend="reference")
 
     return build_layer(case.cfg, case.layer, tensors, make)
 

@@ -1,17 +1,13 @@
 """File and tensor names of a W8A8_MIX directory (SPEC §2-§3)."""
 
+from pdmix.schemes.w8a8_mix import LEGACY_NAMES as LEGACY_QUANT_TYPES, NAME as QUANT_TYPE, TENSORS as QUANT_SUFFIXES
+
 WEIGHT_FILE = "quant_model_weight_w8a8_mix.safetensors"
 INDEX_FILE = WEIGHT_FILE + ".index.json"
 SHARD_TEMPLATE = "quant_model_weight_w8a8_mix-{i:05d}-of-{n:05d}.safetensors"
 DESCRIPTION_FILE = "quant_model_description.json"
-
-QUANT_TYPE = "W8A8_MIX"
-LEGACY_QUANT_TYPES = ("W8A8",)  # older writers label the same tensors "W8A8"
 FLOAT = "FLOAT"
 VERSION = "1.0.0"
-
-# The seven tensors of one quantized linear, in the order msModelSlim writes them.
-QUANT_SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias")
 
 # Linear layers of one decoder layer, by HF name, and how TP shards them (SPEC §8).
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")

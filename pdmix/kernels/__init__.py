@@ -1,28 +1,48 @@
-"""int8 operations of a W8A8_MIX linear (SPEC §5) behind one interface.
+"""Kernel backends of the W8A8_MIX linear (SPEC §5).
 
-`reference` is plain torch and the oracle for tests; faster backends (GPU) implement the same
-functions and are picked by `get_backend`.
+A backend is one class. It is built once per layer from the layer's `W8A8Params` (prepacking,
+layouts, derived scales: all load-time work), then `apply(x, n_dynamic)` computes a whole step's
+rows: rows [0, n_dynamic) on the dynamic (prefill) path, the rest on the static (decode) path.
+`unsupported(device, row_parallel)` says why a backend cannot run a layer (None if it can).
+
+Each device type has a priority list; the first backend that can run a layer is used, unless one is
+forced by name (`--kernel`, `LLM(kernel=...)`). `reference` is plain torch, runs anywhere, and is the
+oracle of the tests.
 """
-
-from pdmix.kernels import reference
-
-
-import functools
 
 import torch
 
+from pdmix.errors import PdmixError
+from pdmix.kernels.cuda import CudaKernel
+from pdmix.kernels.onednn import OneDNNKernel
+from pdmix.kernels.reference import ReferenceKernel
+from pdmix.schemes.w8a8_mix import W8A8Params
 
-def get_backend(device) -> object:
-    """The kernel module for a device: the reference on CPU (torch._int_mm is already the fast path)."""
-    return _backend(torch.device(device).type)
+BACKENDS = {k.name: k for k in (OneDNNKernel, CudaKernel, ReferenceKernel)}
+PRIORITY = {"cpu": ("onednn", "reference"), "cuda": ("cuda", "reference")}
 
 
-@functools.cache
-def _backend(device_type: str) -> object:
-    if device_type == "cuda":
-        try:
-            from pdmix.kernels import cuda  # optional fast path
-            return cuda
-        except ImportError:
-            pass
-    return reference
+def check_name(name: str | None) -> None:
+    if name is not None and name not in BACKENDS:
+        raise PdmixError(f"--kernel {name}: unknown kernel backend; choose from {', '.join(BACKENDS)}")
+
+
+def choose(device: torch.device, row_parallel: bool = False, name: str | None = None):
+    """The backend class for a layer: the forced one (if it can run it) or the first of the device's list."""
+    device = torch.device(device)
+    check_name(name)
+    if name is not None:
+        why = BACKENDS[name].unsupported(device, row_parallel)
+        if why:
+            raise PdmixError(f"--kernel {name}: cannot run this layer on {device.type}: {why}")
+        return BACKENDS[name]
+    for candidate in PRIORITY.get(device.type, ("reference",)):
+        if BACKENDS[candidate].unsupported(device, row_parallel) is None:
+            return BACKENDS[candidate]
+    return ReferenceKernel
+
+
+def build(p: W8A8Params, out_dtype: torch.dtype, name: str | None = None, reduce=None, reduce_max=None):
+    """A ready kernel for one layer."""
+    cls = choose(p.weight.device, reduce is not None, name)
+    return cls(p, out_dtype, reduce, reduce_max)

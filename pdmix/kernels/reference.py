@@ -1,6 +1,7 @@
-"""SPEC §5 in plain torch: the two activation-quantization paths of a W8A8_MIX linear.
+"""SPEC §5 in plain torch: the oracle of the tests, and the backend for what no faster one runs
+(row-parallel layers under tensor parallelism, whose exact int32 accumulators are all-reduced).
 
-Weights are given as `weight_t`, the [k, n] transpose view of the stored [n, k] int8 weight
+Weights are used as `weight_t`, the [k, n] transpose view of the stored [n, k] int8 weight
 (column-major, the layout int8 GEMMs want). Accumulation is exact int32. A linear is
 quantize -> int8_matmul -> epilogue; the pieces are separate so that tensor parallelism can
 all-reduce between them.
@@ -8,7 +9,7 @@ all-reduce between them.
 
 import torch
 
-TINY = torch.finfo(torch.float32).tiny
+from pdmix.schemes.w8a8_mix import TINY, W8A8Params
 
 
 def int8_matmul(x_q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -27,17 +28,20 @@ def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, input_offset: to
     return q.clamp(-128, 127).to(torch.int8)
 
 
-def quantize_dynamic(x: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric: (x_q int8 [m,k], s_t fp32 [m,1]) with s_t = max_k|x_t| / 127.
+def dynamic_scale(x: torch.Tensor, reduce_max=None) -> torch.Tensor:
+    """Per-token symmetric scale s_t = max_k|x_t| / 127, fp32 [m, 1].
 
-    reduce_max: under tensor parallelism, the all-reduce that makes the row max global.
-    """
-    x32 = x.to(torch.float32)
-    s = x32.abs().amax(dim=-1, keepdim=True) / 127
+    reduce_max: under tensor parallelism, the all-reduce that makes the row max global."""
+    s = x.to(torch.float32).abs().amax(dim=-1, keepdim=True) / 127
     if reduce_max is not None:
         s = reduce_max(s)
-    s = s.clamp(min=TINY)
-    return torch.round(x32 / s).clamp(-127, 127).to(torch.int8), s
+    return s.clamp(min=TINY)
+
+
+def quantize_dynamic(x: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric: (x_q int8 [m,k], s_t fp32 [m,1])."""
+    s = dynamic_scale(x, reduce_max)
+    return torch.round(x.to(torch.float32) / s).clamp(-127, 127).to(torch.int8), s
 
 
 def epilogue_dynamic(acc, s, weight_scale_row, bias_float, out_dtype):
@@ -68,14 +72,36 @@ def linear_dynamic(x, weight_t, weight_scale_row, bias_float, out_dtype):
     return epilogue_dynamic(int8_matmul(x_q, weight_t), s, weight_scale_row, bias_float, out_dtype)
 
 
-def weight_row_sums(weight: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """sum_k(weight) per output row, exact, as fp32 [n]. In row chunks: a whole-tensor sum with an
-    int dtype would first materialize a widened copy of the weight."""
-    return torch.cat([c.to(torch.int32).sum(dim=1) for c in weight.split(rows_per_chunk)]).to(torch.float32)
+class ReferenceKernel:
+    """Both paths of a W8A8_MIX linear in one GEMM per step: rows [0, n_dynamic) dynamic, the rest static.
 
+    reduce/reduce_max: a row-parallel shard's all-reduces (sum of int32 accumulators, max of the
+    per-token absmax), so N ranks compute bit for bit what one process computes."""
 
-def recover_bias(deq_scale: torch.Tensor, quant_bias: torch.Tensor, input_offset: torch.Tensor,
-                 weight: torch.Tensor) -> torch.Tensor:
-    """bias_float = deq_scale * (quant_bias + input_offset * sum_k(weight)), fp32 [n]."""
-    wsum = weight_row_sums(weight)
-    return deq_scale.to(torch.float32) * (quant_bias.to(torch.float32) + input_offset.to(torch.float32) * wsum)
+    name = "reference"
+
+    @staticmethod
+    def unsupported(device: torch.device, row_parallel: bool) -> str | None:
+        return None
+
+    def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
+        self.params, self.out_dtype = p, out_dtype
+        self.weight_t = p.weight.t()
+        self.reduce, self.reduce_max = reduce, reduce_max
+
+    def accumulate(self, x: torch.Tensor, n_dynamic: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exact int32 accumulators [m, n] of both row sets, the dynamic rows' scales)."""
+        p = self.params
+        q_dyn, s = quantize_dynamic(x[:n_dynamic], self.reduce_max)
+        q_sta = quantize_static(x[n_dynamic:], p.input_scale, p.input_offset)
+        q = q_dyn if n_dynamic == x.shape[0] else q_sta if n_dynamic == 0 else torch.cat([q_dyn, q_sta])
+        acc = int8_matmul(q, self.weight_t)
+        return (acc if self.reduce is None else self.reduce(acc)), s
+
+    def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
+        """x [m, k] -> [m, n] in out_dtype."""
+        p = self.params
+        acc, s = self.accumulate(x, n_dynamic)
+        y_dyn = epilogue_dynamic(acc[:n_dynamic], s, p.weight_scale, p.bias_float, self.out_dtype)
+        y_sta = epilogue_static(acc[n_dynamic:], p.deq_scale, p.quant_bias, self.out_dtype)
+        return y_dyn if n_dynamic == x.shape[0] else y_sta if n_dynamic == 0 else torch.cat([y_dyn, y_sta])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmix.kernels.reference import weight_row_sums
+from pdmix.schemes.w8a8_mix import encode_deq_scale, weight_row_sums
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -45,20 +45,6 @@ def static_activation_params(mins: torch.Tensor, maxs: torch.Tensor, dtype: torc
     scale = ((mx - mn) / 255).clamp(min=FP32_EPS)
     offset = -128 - torch.round(mn / scale)
     return scale.reshape(1), offset.reshape(1)
-
-
-def encode_deq_scale(deq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 deq_scale as stored: fp32 for bf16 models, int64 holding the fp32 bits for fp16 ones."""
-    if dtype == torch.float16:
-        return deq.view(torch.int32).to(torch.int64)
-    return deq
-
-
-def decode_deq_scale(stored: torch.Tensor) -> torch.Tensor:
-    """Inverse of encode_deq_scale (accepts either storage)."""
-    if stored.dtype == torch.int64:
-        return stored.to(torch.int32).view(torch.float32)
-    return stored.to(torch.float32)
 
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,

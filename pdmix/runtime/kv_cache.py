@@ -30,15 +30,19 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        # never read before written: attention slices each sequence's keys to its length
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # zeros, not empty: decode attention reads whole blocks and masks the unwritten tail, which must
+        # hold finite values (0 * NaN would leak into the output)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the k/v rows [T, kv_heads, head_dim] of a step at their flat slots (block * block_size + offset)."""
-        self.k[layer].view(-1, *k.shape[1:])[slot_mapping] = k
-        self.v[layer].view(-1, *v.shape[1:])[slot_mapping] = v
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store the k/v rows [T, kv_heads, head_dim] of a step at their flat slots (block * block_size + offset);
+        returns the layer's cache as flat [slots, kv_heads, head_dim] views."""
+        k_flat, v_flat = self.k[layer].view(-1, *k.shape[1:]), self.v[layer].view(-1, *v.shape[1:])
+        k_flat.index_copy_(0, slot_mapping, k)
+        v_flat.index_copy_(0, slot_mapping, v)
+        return k_flat, v_flat
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -15,21 +15,23 @@ from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.names import (COLUMN_PARALLEL, DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE, ATTN_LINEARS,
                                 MLP_LINEARS, linear_prefix)
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.kernels.reference import recover_bias
+from pdmix.format.validate import check_loadable
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import DecoderLayer, RMSNorm, layer_norms
-from pdmix.models.linear import FloatLinear, W8A8MixLinear
+from pdmix.models.linear import FloatLinear, W8A8MixLinear, prepare_kernels
 from pdmix.models.model import CausalLM
-from pdmix.quant.arithmetic import decode_deq_scale
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.tp import TP
-
-# tensors of a quantized linear sharded on dim 0 by a column-parallel layer (input_* are per tensor)
-PER_CHANNEL = ("weight", "weight_scale", "weight_offset", "deq_scale", "quant_bias")
+from pdmix.schemes import w8a8_mix
 
 
-def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalLM:
+def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: str | None = None,
+               check: bool = True) -> CausalLM:
+    """kernel: force one W8A8 kernel backend by name (default: the device's priority list).
+    check=False: the caller already ran check_loadable(cfg)."""
     tpm.check_divisible(cfg, tp.size)
+    if check:
+        check_loadable(cfg)  # inspect's checks (W8A8_MIX) or shapes and finiteness (float), before building
     quantized = is_quant_checkpoint(cfg.folder)
     reader = SafetensorsFolder(cfg.folder, quantized)
     types = check_description(cfg.folder, reader) if quantized else {}
@@ -38,12 +40,15 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP()) -> CausalL
     for i in range(cfg.num_layers):
         linears = {n: build_linear(cfg, get, reader, types, linear_prefix(i, n), tp) for n in ATTN_LINEARS + MLP_LINEARS}
         norms = layer_norms(cfg, i, get, reader.__contains__)
-        layers.append(DecoderLayer(cfg, i, linears, norms, tp.size).fuse().to(device))
+        layer = DecoderLayer(cfg, i, linears, norms, tp.size).fuse().to(device)
+        prepare_kernels(layer, kernel)  # layer by layer: prepacking copies a weight, so one layer's copy at a time
+        layers.append(layer)
     embed = get("model.embed_tokens.weight").to(device)
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in reader
     lm_head = embed if tied else get("lm_head.weight").to(device)
     norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
+    reader.release()  # every tensor is a copy now: unmap the files, so their pages stop counting as ours
     if tp.is_main:
         n_quant = sum(types.get(linear_prefix(i, n) + ".weight") == QUANT_TYPE
                       for i in range(cfg.num_layers) for n in ATTN_LINEARS + MLP_LINEARS)
@@ -116,17 +121,14 @@ def float_linear(weight, bias, prefix: str, column: bool, tp: TP) -> FloatLinear
 def w8a8_linear(cfg: ModelConfig, t: dict[str, torch.Tensor], prefix: str, column: bool, tp: TP) -> W8A8MixLinear:
     """A stored float `bias` is not used: quant_bias already carries it, and the dynamic path
     recovers bias_float from quant_bias (which also holds the smoothing shift of SPEC §6)."""
-    bias_float = None
     if tp.size > 1 and column:
-        t = {s: tpm.shard(v, 0, tp) if s in PER_CHANNEL else v for s, v in t.items()}
+        t = w8a8_mix.shard_column(t, tp.rank, tp.size)
     elif tp.size > 1:
         # pdmix all-reduces the int32 accumulator and applies the full epilogue on every rank, so
-        # bias_float comes from the full weight (sum over all of k) and per-channel tensors stay whole.
-        bias_float = recover_bias(decode_deq_scale(t["deq_scale"]).reshape(-1), t["quant_bias"].reshape(-1),
-                                  t["input_offset"].to(torch.float32).reshape(()), t["weight"])
-        t = dict(t, weight=tpm.shard(t["weight"], 1, tp))
-    lin = W8A8MixLinear(t, cfg.dtype, prefix, bias_float)
-    if tp.size > 1 and not column:
+        # the parameters (bias_float included) are those of the whole layer; only the weight is sharded.
+        full = w8a8_mix.params_from_tensors(t, prefix)
+        full.weight = tpm.shard(t["weight"], 1, tp)
+        lin = W8A8MixLinear(full, cfg.dtype, prefix)
         lin.reduce, lin.reduce_max = tpm.all_reduce_sum, tpm.all_reduce_max
-    return lin
-
+        return lin
+    return W8A8MixLinear.from_tensors(t, cfg.dtype, prefix)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.params import number, whole
 
 
 def flag(p, name: str, **kw) -> None:
@@ -36,30 +37,42 @@ def add_arguments(p) -> None:
          help="KV cache blocks (default: enough for max_batch_size sequences of the longest length)")
     flag(p, "quant_mode", default="pdmix", choices=("pdmix", "dynamic", "static"))
     flag(p, "device", default="auto", choices=("cpu", "cuda", "auto"))
+    flag(p, "kernel", default=None, help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    flag(p, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     flag(p, "shutdown_timeout", type=float, default=5.0,
          help="on SIGTERM, seconds running requests may take to finish before they are aborted")
     flag(p, "log_level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
 
+def check_flags(args) -> None:
+    whole("--port", args.port, 0, 65535)
+    number("--shutdown_timeout", args.shutdown_timeout, 0)
+    for name in ("max_batch_size", "max_input_length", "max_output_length", "block_size"):
+        whole(f"--{name}", getattr(args, name), 1)
+    for name in ("num_blocks", "threads"):
+        if getattr(args, name) is not None:
+            whole(f"--{name}", getattr(args, name), 1)
+    if args.max_prefill_tokens != -1:
+        whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
+
+
 def run(args) -> int:
+    import torch
     import torch.distributed as dist
 
     from pdmix.runtime import tp
     from pdmix.runtime.llm import LLM
     from pdmix.serving.online import follow
 
-    if args.port < 0 or args.port > 65535:
-        raise PdmixError(f"--port must be in 0..65535, got {args.port}")
-    if args.shutdown_timeout < 0:
-        raise PdmixError(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
-    if args.num_blocks is not None and args.num_blocks < 1:
-        raise PdmixError(f"--num_blocks must be at least 1, got {args.num_blocks}")
+    check_flags(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if tp.from_env().is_main:
         check_port(args.host, args.port)  # before minutes of loading, not after
     llm = LLM(args.model, quant_mode=args.quant_mode, block_size=args.block_size, max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
               max_input_length=args.max_input_length, max_output_length=args.max_output_length,
-              num_blocks=args.num_blocks, device=args.device)
+              num_blocks=args.num_blocks, device=args.device, kernel=args.kernel)
     try:
         group = dist.new_group(backend="gloo") if llm.tp.size > 1 else None
         llm.warmup()
@@ -84,14 +97,15 @@ def check_port(host: str, port: int) -> None:
 
 def serve(llm, args, group) -> None:
     import uvicorn
-    from transformers import AutoTokenizer
 
     from pdmix.serving.app import ServeConfig, create_app
     from pdmix.serving.metrics import Metrics
     from pdmix.serving.online import OnlineEngine
 
+    from pdmix.tokenizer import load_tokenizer
+
     llm.tokenizer  # noqa: B018  (a model without a tokenizer fails here, as a one-line error)
-    engine = OnlineEngine(llm, AutoTokenizer.from_pretrained(str(llm.cfg.folder)), Metrics(), group)
+    engine = OnlineEngine(llm, load_tokenizer(llm.cfg.folder), Metrics(), group)  # the engine thread's own
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(llm, engine, ServeConfig(name, args.max_output_length, args.api_key, args.chat_template))
 

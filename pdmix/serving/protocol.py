@@ -37,7 +37,7 @@ class Common(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1)                    # vLLM's extension; -1 or 0: off
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch's range (choice j uses seed + j)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1 - MAX_N)  # torch's range; choice j uses seed + j
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -1,0 +1,46 @@
+"""W8A8_MIX on NVIDIA GPUs: cuBLASLt's int8 GEMM (`torch._int_mm`) on the column-major view of the
+weight, with each path's quantization and epilogue fused by torch.compile into one kernel apiece.
+
+Untested on hardware in CI (no GPU there): its tests run where CUDA exists and skip elsewhere.
+"""
+
+import functools
+
+import torch
+
+from pdmix.kernels import reference
+from pdmix.schemes.w8a8_mix import W8A8Params
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+class CudaKernel(reference.ReferenceKernel):
+    name = "cuda"
+
+    @staticmethod
+    def unsupported(device: torch.device, row_parallel: bool) -> str | None:
+        if device.type != "cuda":
+            return "runs on CUDA devices only"
+        if row_parallel:
+            return "row-parallel shards use the reference kernel (exact int32 all-reduce)"
+        return None
+
+    def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
+        super().__init__(p, out_dtype, reduce, reduce_max)
+        self.weight_t = p.weight.t()  # column-major [k, n]: cuBLASLt's fast layout for the int8 GEMM
+
+    def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
+        p = self.params
+        parts = []
+        if n_dynamic:
+            q, s = _compiled(reference.quantize_dynamic)(x[:n_dynamic])
+            acc = reference.int8_matmul(q, self.weight_t)
+            parts.append(_compiled(reference.epilogue_dynamic)(acc, s, p.weight_scale, p.bias_float, self.out_dtype))
+        if n_dynamic < x.shape[0]:
+            q = _compiled(reference.quantize_static)(x[n_dynamic:], p.input_scale, p.input_offset)
+            acc = reference.int8_matmul(q, self.weight_t)
+            parts.append(_compiled(reference.epilogue_static)(acc, p.deq_scale, p.quant_bias, self.out_dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,154 @@
+"""The W8A8_MIX scheme (SPEC §2-§5, §8): per-channel symmetric int8 weights; activations dynamic per
+token on prompt rows and static per tensor on decode rows.
+
+What lives here is what every engine needs to agree on: the seven stored tensors and their legal
+dtypes and shapes, the deq_scale encoding, the float bias recovered from quant_bias, the runtime
+form of a layer (`W8A8Params`), fusing layers that read one input, and how tensor parallelism
+shards the stored tensors. Kernels (pdmix.kernels) compute with `W8A8Params`; the quantizer
+(pdmix.quant.arithmetic) writes what `TENSORS` describes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmix.errors import PdmixError
+
+NAME = "W8A8_MIX"
+LEGACY_NAMES = ("W8A8",)  # older writers label the same tensors "W8A8"
+
+# The seven tensors of one quantized linear, in the order msModelSlim writes them.
+TENSORS = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias")
+# Legal safetensors dtypes and shapes for a weight [n, k] (SPEC §3): scales in the model dtype or fp32,
+# deq_scale fp32 or (fp16 models) int64 holding the fp32 bits.
+PARAM_DTYPES = ("BF16", "F16", "F32")
+TENSOR_SPEC = {
+    "weight": (("I8",), lambda n: None),  # [n, k]; k comes from the weight itself
+    "weight_scale": (PARAM_DTYPES, lambda n: [n, 1]),
+    "weight_offset": (PARAM_DTYPES, lambda n: [n, 1]),
+    "input_scale": (PARAM_DTYPES, lambda n: [1]),
+    "input_offset": (PARAM_DTYPES, lambda n: [1]),
+    "deq_scale": (("F32", "I64"), lambda n: [n]),
+    "quant_bias": (("I32",), lambda n: [n]),
+}
+# Sharded with the output channels by a column-parallel layer; per tensor (input_*) or, in a
+# row-parallel layer, replicated (SPEC §8).
+PER_CHANNEL = ("weight", "weight_scale", "weight_offset", "deq_scale", "quant_bias")
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+def is_label(kind: str) -> bool:
+    """Whether a description label names this scheme (legacy "W8A8" included)."""
+    return kind == NAME or kind in LEGACY_NAMES
+
+
+def encode_deq_scale(deq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 deq_scale as stored: fp32 for bf16 models, int64 holding the fp32 bits for fp16 ones."""
+    if dtype == torch.float16:
+        return deq.view(torch.int32).to(torch.int64)
+    return deq
+
+
+def decode_deq_scale(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of encode_deq_scale (accepts either storage)."""
+    if stored.dtype == torch.int64:
+        return stored.to(torch.int32).view(torch.float32)
+    return stored.to(torch.float32)
+
+
+def weight_row_sums(weight: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """sum_k(weight) per output row, exact, as fp32 [n]. In row chunks: a whole-tensor sum with an
+    int dtype would first materialize a widened copy of the weight."""
+    return torch.cat([c.to(torch.int32).sum(dim=1) for c in weight.split(rows_per_chunk)]).to(torch.float32)
+
+
+def recover_bias(deq_scale: torch.Tensor, quant_bias: torch.Tensor, input_offset: torch.Tensor,
+                 weight: torch.Tensor) -> torch.Tensor:
+    """bias_float = deq_scale * (quant_bias + input_offset * sum_k(weight)), fp32 [n] (SPEC §5)."""
+    wsum = weight_row_sums(weight)
+    return deq_scale.to(torch.float32) * (quant_bias.to(torch.float32) + input_offset.to(torch.float32) * wsum)
+
+
+@dataclass
+class W8A8Params:
+    """A W8A8_MIX linear in runtime form: what the kernels compute with (SPEC §5)."""
+    weight: torch.Tensor        # int8 [n, k]
+    weight_scale: torch.Tensor  # fp32 [n]
+    input_scale: torch.Tensor   # fp32 scalar
+    input_offset: torch.Tensor  # fp32 scalar, integer valued
+    deq_scale: torch.Tensor     # fp32 [n]
+    quant_bias: torch.Tensor    # int32 [n]
+    bias_float: torch.Tensor    # fp32 [n], the dynamic path's bias, recovered from quant_bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def to(self, device) -> "W8A8Params":
+        return W8A8Params(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def params_from_tensors(t: dict[str, torch.Tensor], name: str = "",
+                        bias_float: torch.Tensor | None = None) -> W8A8Params:
+    """Runtime form of a layer's stored tensors (any SPEC §3 dtype variant). bias_float defaults to the
+    one recovered from this weight; a row-parallel shard passes the one of the whole weight."""
+    w = t["weight"]
+    if w.dtype != torch.int8 or w.dim() != 2:
+        raise PdmixError(f"{name}.weight: expected a 2-D int8 tensor, got {w.dtype} {list(w.shape)}")
+    p = W8A8Params(
+        weight=w.contiguous(),
+        weight_scale=t["weight_scale"].to(torch.float32).reshape(-1),
+        input_scale=t["input_scale"].to(torch.float32).reshape(()),
+        input_offset=t["input_offset"].to(torch.float32).reshape(()),
+        deq_scale=decode_deq_scale(t["deq_scale"]).reshape(-1),
+        quant_bias=t["quant_bias"].to(torch.int32).reshape(-1),
+        bias_float=bias_float if bias_float is not None else torch.empty(0))
+    if bias_float is None:
+        p.bias_float = recover_bias(p.deq_scale, p.quant_bias, p.input_offset, p.weight)
+    return p
+
+
+def concat(members: list[W8A8Params], names: list[str]) -> W8A8Params:
+    """One layer computing several that read the same input (q/k/v, gate/up), outputs concatenated.
+
+    The members must share input_scale/input_offset (SPEC §7): the fused layer quantizes its input
+    once, so a checkpoint where they differ is refused rather than computed wrongly.
+    """
+    first = members[0]
+    for m, name in zip(members[1:], names[1:]):
+        if not (torch.equal(m.input_scale, first.input_scale) and torch.equal(m.input_offset, first.input_offset)):
+            raise PdmixError(f"{name}: input_scale/input_offset differ from {names[0]}'s; they read the same "
+                             f"input and must share them (SPEC §7)")
+    cat = lambda field: torch.cat([getattr(m, field) for m in members])
+    return W8A8Params(weight=cat("weight"), weight_scale=cat("weight_scale"), input_scale=first.input_scale,
+                      input_offset=first.input_offset, deq_scale=cat("deq_scale"), quant_bias=cat("quant_bias"),
+                      bias_float=cat("bias_float"))
+
+
+def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    step = t.shape[dim] // size
+    return t.narrow(dim, rank * step, step).contiguous()
+
+
+def shard_column(t: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
+    """A column-parallel rank's stored tensors (SPEC §8): per-channel tensors follow the weight's
+    output rows; input_scale/input_offset are replicated."""
+    return {s: _slice(v, 0, rank, size) if s in PER_CHANNEL else v for s, v in t.items()}
+
+
+def shard_row(t: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
+    """A row-parallel rank's stored tensors, as MindIE shards them (SPEC §8): the weight's input
+    columns; per-channel tensors replicated; quant_bias kept on rank 0 only (zero elsewhere), so an
+    all-reduce of the ranks' outputs counts it once.
+
+    pdmix's own runtime does not use this for its row-parallel layers: it all-reduces the exact int32
+    accumulator instead (bit-identical to one process) and keeps quant_bias whole on every rank."""
+    out = dict(t, weight=_slice(t["weight"], 1, rank, size))
+    if rank != 0:
+        out["quant_bias"] = torch.zeros_like(t["quant_bias"])
+    return out

@@ -15,6 +15,7 @@ COMMANDS = {
     "run": ("pdmix.run_pa", "run a checkpoint with paged attention (same as python -m pdmix.run_pa)"),
     "eval": ("pdmix.evaluate", "perplexity of a checkpoint per quantization path"),
     "bench": ("pdmix.bench", "linear-level and end-to-end speed, float vs W8A8 PD-mix"),
+    "serve": ("pdmix.serving.cli", "an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)"),
 }
 
 

@@ -15,7 +15,7 @@ from pdmix.models.model import CausalLM
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.attention import PagedAttention, SeqRows, StepMetadata, build_metadata
 from pdmix.runtime.kv_cache import KVCache, blocks_needed
-from pdmix.runtime.sampling import SamplingParams, sample
+from pdmix.runtime.sampling import SamplingParams, sample, token_logprobs
 from pdmix.runtime.scheduler import Plan, Scheduler, Sequence
 from pdmix.runtime.tp import TP
 
@@ -131,6 +131,8 @@ class Engine:
         seq.output_ids.append(token)
         if seq.params.return_logits:
             seq.logits.append(logits.cpu())
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprobs(logits, token, seq.params.logprobs))
         reason = ("stop" if token in self.eos_ids and not seq.params.ignore_eos else
                   "length" if len(seq.output_ids) >= seq.params.max_tokens else None)
         if reason:

@@ -27,12 +27,15 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     return_logits: bool = False   # keep the fp32 logits each output token was sampled from
+    logprobs: int | None = None   # keep each output token's logprob and the top-N alternatives
 
     def __post_init__(self):
         whole("max_tokens", self.max_tokens, 1)
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
         boolean("ignore_eos", self.ignore_eos)
         boolean("return_logits", self.return_logits)
+        if self.logprobs is not None:
+            whole("logprobs", self.logprobs, 0)
 
     @property
     def greedy(self) -> bool:
@@ -90,3 +93,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     else:
         g.manual_seed(params.seed)
     return g
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of token (before any penalty or temperature) and its top candidates."""
+    logp = logits.float().log_softmax(-1)
+    values, ids = logp.topk(min(top, logp.shape[-1]))
+    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

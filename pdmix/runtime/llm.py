@@ -124,11 +124,12 @@ class LLM:
         self.engine.run(seqs)
         return [self.output(prompt, seq) for prompt, seq in zip(prompts, seqs)]
 
-    def warmup(self, prompt_len: int = 16, decode_steps: int = 2) -> None:
-        """One short prefill and a few decode steps, so one-time initialisation (kernel selection,
-        first allocations) is not counted in the first request's timings."""
-        self.generate([[0] * min(prompt_len, self.max_input_length)],
-                      SamplingParams(max_tokens=decode_steps, ignore_eos=True))
+    def warmup(self, prompt_lens: tuple[int, ...] = (8, 64), decode_steps: int = 2) -> None:
+        """Short prefills and a few decode steps, so one-time initialisation (kernel selection, the
+        compiled fusions that larger prefills use, first allocations) is not counted in the first
+        request's timings."""
+        for n in prompt_lens:
+            self.generate([[0] * min(n, self.max_input_length)], SamplingParams(max_tokens=decode_steps, ignore_eos=True))
         self.engine.stats = Stats()
 
     def check_prompt(self, ids: list[int], limit_length: bool = True) -> None:

@@ -125,8 +125,12 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
         k, v = cache.block_range(layer, g.first_block, g.block_tables.shape[1])
     kv = k.shape[1]
     scores = torch.matmul(q.float().view(b, kv, h // kv, d), k.float())    # [B, KV, G, L]
-    scores = scores.mul_(d ** -0.5).add_(g.mask)
-    e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    scores = scores.mul_(d ** -0.5)
+    # exp of scores far below the max underflows to fp32 subnormals, which x86 computes with ~100x
+    # slower microcode in the matmul that follows; e^-80 is already below any sum's resolution, so
+    # the clamp changes no output bit, and the -inf mask (added after it) still gives exact zeros
+    top = (scores + g.mask).amax(-1, keepdim=True)
+    e = scores.sub_(top).clamp_(min=-80).add_(g.mask).exp_()
     o = torch.matmul(e, v.float().transpose(1, 2)).div_(e.sum(-1, keepdim=True))  # [B, KV, G, D]
     return o.view(b, h, d).to(q.dtype)
 

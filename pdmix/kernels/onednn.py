@@ -18,6 +18,7 @@ rounding order in the epilogue.
 import torch
 
 from pdmix.kernels.reference import dynamic_scale
+from pdmix.schemes import w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 U8_SHIFT = 128  # int8 value + 128 = uint8 value
@@ -56,8 +57,7 @@ class OneDNNKernel:
         self.input_scale = p.input_scale.clone()
         self.static_zp = int(p.input_offset) + U8_SHIFT
         self.static_x_scale = float(p.input_scale)
-        # x_scale * w_scale = deq_scale (the file's bf16-rounded product), not input_scale * weight_scale
-        self.static_w_scale = (p.deq_scale / p.input_scale).contiguous()
+        self.static_w_scale = w8a8_mix.static_weight_scale(p)
 
     def static(self, x: torch.Tensor) -> torch.Tensor:
         q = (x.to(torch.float32) / self.input_scale).add_(self.static_zp).round_().clamp_(0, 255).to(torch.uint8)

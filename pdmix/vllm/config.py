@@ -78,20 +78,24 @@ class W8A8MixConfig(QuantizationConfig):
         from pdmix.vllm.linear import W8A8MixLinearMethod
         return W8A8MixLinearMethod(prefix, names, quantized)
 
-    def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """A checkpoint tensor as the plugin's parameters take it: deq_scale decoded to fp32 (an
-        fp16 model stores its bits in int64); the float weight of a float member of a fused group
-        that also has quantized members goes to that layer's `weight_float`."""
+    def checkpoint_name(self, name: str) -> str:
+        """The float weight of a float member of a fused group that also has quantized members goes
+        to that layer's `weight_float`; every other tensor keeps its name."""
         prefix, _, suffix = name.rpartition(".")
-        if suffix == "deq_scale":
-            return name, w8a8_mix.decode_deq_scale(tensor)
         if suffix == "weight" and self.types.get(name) == FLOAT and self.in_mixed_group(prefix):
-            return prefix + ".weight_float", tensor
-        return name, tensor
+            return prefix + ".weight_float"
+        return name
+
+    def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """A checkpoint tensor as the plugin's parameters take it; deq_scale decoded to fp32 (an fp16
+        model stores its bits in int64)."""
+        if name.endswith(".deq_scale"):
+            tensor = w8a8_mix.decode_deq_scale(tensor)
+        return self.checkpoint_name(name), tensor
 
     def in_mixed_group(self, linear: str) -> bool:
         head, _, last = linear.rpartition(".")
-        for fused, group in FUSED.items():
+        for group in FUSED.values():
             if last in group:
                 return any(self.is_quantized(f"{head}.{m}") for m in group)
         return False

@@ -82,10 +82,9 @@ class W8A8MixModel:
         loaded = super().load_weights(prepared())
         tied = getattr(self.config, "tie_word_embeddings", False)
         for name in seen:
-            mapped = self._vllm_name(cfg.checkpoint_tensor(name, torch.empty(0))[0])
             if tied and name.startswith("lm_head."):
-                continue
-            if mapped not in loaded:
+                continue  # vLLM ties it to the embedding
+            if self._vllm_name(cfg.checkpoint_name(name)) not in loaded:
                 raise ValueError(f"pdmix: checkpoint tensor {name} has no place in vLLM's {type(self).__name__}; "
                                  f"refusing to run without it")
         missing = sorted(set(cfg.types) - set(seen))

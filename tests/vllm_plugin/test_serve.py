@@ -3,6 +3,7 @@
 that script with the fix.)"""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def server(checkpoints, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pdmix.vllm.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
                                  "--enforce-eager", "--max-model-len", "1024", "--served-model-name", "smollm2-w8a8"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     from openai import OpenAI
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
     try:
@@ -46,12 +47,12 @@ def server(checkpoints, tmp_path_factory):
                     pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
                 time.sleep(2)
         yield client, log
-    finally:
-        proc.terminate()
+    finally:  # the server and its engine processes: their own process group, so vLLM's teardown stays there
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.real

@@ -12,7 +12,7 @@ from spec_reference import Reference
 from pdmix import LLM as PdmixLLM
 from vllm import SamplingParams
 
-TINY = ["llama-msmodelslim", "qwen2-msmodelslim", "qwen3-msmodelslim-fp16", "llama-pdmix", "qwen3-pdmix"]
+TINY = ["llama-msmodelslim", "qwen2-msmodelslim-legacy", "qwen3-msmodelslim-fp16", "llama-pdmix", "qwen3-pdmix"]
 # Per-token logprob agreement on the tiny random models (vocab 512, so logprobs are near -6.2 and
 # flat): the engines share the quantized arithmetic but round bf16 attention, norms and residual
 # adds in a different order, which moves a quantized activation to the next int8 level now and
@@ -52,6 +52,13 @@ def test_detected_without_flag(name, checkpoints, engines):
     assert llm.llm_engine.vllm_config.model_config.quantization == "w8a8_mix"
 
 
+def test_flag_forces_method(checkpoints, engines):
+    llm = engines.get(checkpoints("qwen3-pdmix"), quantization="w8a8_mix")
+    assert llm.llm_engine.vllm_config.model_config.quantization == "w8a8_mix"
+    model = vllm_model(llm)
+    assert type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__ == "W8A8MixLinearMethod"
+
+
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("path", ["dynamic", "static"])
 def test_logprobs_match_pdmix_engine(name, path, checkpoints, engines, pdmix_engines, mode):
@@ -66,7 +73,7 @@ def test_logprobs_match_pdmix_engine(name, path, checkpoints, engines, pdmix_eng
     assert abs(ppl(got) / ppl(want) - 1) < 0.02
 
 
-@pytest.mark.parametrize("name", ["llama-msmodelslim", "qwen3-msmodelslim-fp16", "qwen2-msmodelslim", "llama-pdmix", "smollm2-demo"])
+@pytest.mark.parametrize("name", ["llama-msmodelslim", "qwen3-msmodelslim-fp16", "qwen2-msmodelslim-legacy", "llama-pdmix", "smollm2-demo"])
 def test_layers_match_spec_reference(name, checkpoints, engines, mode):
     """Each vLLM linear (fused members, float members of a split group included) on random input,
     against SPEC §5 computed exactly (tests/spec_reference.py)."""

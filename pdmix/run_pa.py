@@ -4,11 +4,11 @@
 rank 0 prints. Prompts come from --input_texts, --input_ids or --input_file (jsonl chats).
 """
 
-import argparse
 import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.params import whole
 
 DEFAULT_INPUT = "What's deep learning?"
 
@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--quant_mode", default="pdmix", choices=("pdmix", "dynamic", "static"),
                    help="pdmix: dynamic for prompt rows, static for decode rows; or force one path")
+    p.add_argument("--kernel", default=None,
+                   help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -42,9 +45,11 @@ def add_arguments(p) -> None:
 def read_chats(path: str) -> list[list[dict]]:
     chats = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise PdmixError(f"{path}: cannot read ({e.strerror})") from None
+        raise PdmixError(f"--input_file {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PdmixError(f"--input_file {path}: not UTF-8 text (byte {e.start})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -56,6 +61,10 @@ def read_chats(path: str) -> list[list[dict]]:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in messages):
             raise PdmixError(f"{path}:{n}: expected a list of {{role, content}} messages or {{\"messages\": [...]}}")
+        if not messages:
+            raise PdmixError(f"{path}:{n}: an empty chat (no messages)")
+        if not all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages):
+            raise PdmixError(f"{path}:{n}: a message's role and content must be strings")
         chats.append(messages)
     if not chats:
         raise PdmixError(f"{path}: no chats")
@@ -63,15 +72,28 @@ def read_chats(path: str) -> list[list[dict]]:
 
 
 def chat_template(arg: str | None, tokenizer) -> str:
+    """--chat_template: a Jinja template string (it holds {{ or {%), or else the file that holds one."""
     if arg is not None:
-        return Path(arg).read_text() if Path(arg).is_file() else arg
+        if "{{" in arg or "{%" in arg:
+            return arg
+        try:
+            return Path(arg).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise PdmixError(f"--chat_template {arg[:80]!r}: neither a template (no {{{{ or {{%) nor a readable "
+                             f"file ({reason})") from None
     if not tokenizer.chat_template:
         raise PdmixError("the tokenizer has no chat template; pass --chat_template")
     return tokenizer.chat_template
 
 
 def apply_chat(tokenizer, template: str, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as e:  # jinja2's TemplateSyntaxError, UndefinedError, or a raise_exception() in the template
+        raise PdmixError(f"--chat_template: the chat template fails ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -101,18 +123,35 @@ def build_prompts(args, llm) -> tuple[list[str], list[list[int]]]:
     return texts, [llm.encode(t) for t in texts]
 
 
+def check_flags(args) -> None:
+    for name in ("max_batch_size", "max_input_length", "max_output_length", "block_size"):
+        whole(f"--{name}", getattr(args, name), 1)
+    if args.threads is not None:
+        whole("--threads", args.threads, 1)
+    if args.max_prefill_tokens != -1:
+        whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
+    from pdmix.runtime.sampling import check_sampling
+    check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, prefix="--")
+
+
 def run(args) -> int:
+    import torch
+
     from pdmix.runtime import tp
     from pdmix.runtime.llm import LLM
     from pdmix.runtime.sampling import SamplingParams
 
+    check_flags(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     llm = LLM(args.model_path, quant_mode=args.quant_mode, block_size=args.block_size,
               max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
-              max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device)
+              max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device,
+              kernel=args.kernel)
     try:
         questions, prompts = build_prompts(args, llm)
         llm.warmup()
@@ -124,25 +163,30 @@ def run(args) -> int:
                 print(f"Answer[{i}]: {o.text if o.text is not None else o.token_ids}")
                 if args.print_ids:
                     print(f"Generate[{i}] token ids: {o.token_ids}")
-            print(summary(llm.stats, len(outputs), llm.tp.size), flush=True)
+            print(summary(llm.stats, len(outputs), llm.tp.size, llm.kernel_names), flush=True)
     finally:
         tp.shutdown()
     return 0
 
 
-def summary(s, n: int, tp_size: int) -> str:
+def summary(s, n: int, tp_size: int, kernel_names: list[str]) -> str:
     rate = lambda tokens, sec: tokens / sec if sec > 0 else 0.0
-    return (f"pdmix run: {n} prompt(s), tp {tp_size}: prefill {s.prefill_tokens} tokens in {s.prefill_s:.3f} s "
+    kernels = f", kernels {'+'.join(kernel_names)}" if kernel_names else ""
+    return (f"pdmix run: {n} prompt(s), tp {tp_size}{kernels}: prefill {s.prefill_tokens} tokens in {s.prefill_s:.3f} s "
             f"({rate(s.prefill_tokens, s.prefill_s):.1f} tokens/s), decode {s.decode_tokens} tokens in "
             f"{s.decode_s:.3f} s ({rate(s.decode_tokens, s.decode_s):.1f} tokens/s)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdmix.cli import run_command
+    from pdmix.cli import Parser, run_command
 
-    parser = argparse.ArgumentParser(prog="python -m pdmix.run_pa", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m pdmix.run_pa", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_command("pdmix.run_pa", parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return run_command("pdmix.run_pa", args)
 
 
 if __name__ == "__main__":

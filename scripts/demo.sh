@@ -12,3 +12,8 @@ pdmix quant --model_path "$MODEL" --save_path "$OUT" --device cpu --model_type Q
     --trust_remote_code True --overwrite
 pdmix inspect "$OUT"
 python -m pdmix.run_pa --model_path "$OUT" --is_chat_model --max_output_length 40
+# Speed, float vs PD-mix, same prompt and settings (steady state: run_pa warms up before timing).
+for m in "$MODEL" "$OUT"; do
+    python -m pdmix.run_pa --model_path "$m" --is_chat_model --max_output_length 128 --ignore_eos 2>/dev/null |
+        sed -n "s|^pdmix run: |$( [ "$m" = "$OUT" ] && echo 'PD-mix W8A8' || echo 'float bf16 ' ): |p"
+done

@@ -46,3 +46,15 @@ def copy_model(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+@pytest.fixture(scope="session")
+def smollm2_w8a8(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct quantized with the seed's recipe (m4, L10), on 8 calibration prompts
+    so that it takes seconds, once per session."""
+    from pdmix.fetch import fetch_model
+    from pdmix.quant.config import RECIPES, QuantConfig
+    from pdmix.quant.pipeline import quantize
+
+    config = QuantConfig(**dict(RECIPES["Qwen3-14B"], calib_max_samples=8), quiet=True)
+    return quantize(fetch_model("smollm2", quiet=True), tmp_path_factory.mktemp("smollm2") / "w8a8", config)

@@ -65,13 +65,18 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
                 flop = 2 * row["m"] * row["n"] * row["k"]
                 assert timing["tflops"] == pytest.approx(flop / (timing["ms"] * 1e-3) / 1e12, rel=1e-2)
 
+    e2e = result["e2e"]
+    assert [p["prompt_len"] for p in e2e["prefill"]] == [16]
+    assert [p["batch_size"] for p in e2e["decode"]] == [1, 2]
+    for point in e2e["prefill"] + e2e["decode"]:
+        assert set(point["float"]) >= {"tokens_per_s", "tokens_per_cpu_s"}
+        assert point["pdmix"]["speedup"] == pytest.approx(point["pdmix"]["tokens_per_s"] / point["float"]["tokens_per_s"],
+                                                          rel=1e-2)
+    assert "ttft_ms" in e2e["prefill"][0]["pdmix"] and "tpot_ms" in e2e["decode"][0]["pdmix"]
     for engine in ("float", "pdmix"):
-        e = result["e2e"][engine]
-        assert [p["prompt_len"] for p in e["prefill"]] == [16]
-        assert [p["batch_size"] for p in e["decode"]] == [1, 2]
-        assert set(e["prefill"][0]) == {"prompt_len", "tokens_per_s", "ttft_ms"}
-        assert set(e["decode"][0]) == {"batch_size", "prompt_len", "tokens_per_s", "tpot_ms", "ttft_ms"}
-        assert e["peak_mem_bytes"] > 2**20
+        facts = e2e["engines"][engine]
+        assert facts["tensor_bytes"] > 0 and facts["kv_cache_bytes"] > 0
+    assert e2e["peak_mem_bytes"] > 2**20
     assert "linear level" in err and "end to end" in err and "decode B=2" in err
 
 

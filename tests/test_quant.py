@@ -172,7 +172,7 @@ def test_wrong_dtype(tiny_models, copy_model, small_calib, tmp_path, capsys):
     t = load_file(str(shard))
     t = {k: v.float() for k, v in t.items()}
     save_file(t, str(shard))
-    assert_fails(["--model_path", m, "--calib_file", small_calib], capsys, tmp_path / "o", "is F32, expected BF16")
+    assert_fails(["--model_path", m, "--calib_file", small_calib], capsys, tmp_path / "o", "is F32 (float32), expected BF16")
     cfg = json.loads((m / "config.json").read_text())
     cfg["dtype"] = "float32"
     (m / "config.json").write_text(json.dumps(cfg))

@@ -60,39 +60,41 @@ def test_missing_files(capsys, tmp_path, broken):
 
 def test_description_naming_a_tensor_the_files_lack(capsys, broken):
     edit_description(broken, lambda d: d.__setitem__("model.layers.0.mlp.up_proj.smooth_scale", "FLOAT"))
-    assert "missing from the weight files, e.g. model.layers.0.mlp.up_proj.smooth_scale" in fails(capsys, "--model_path", broken)
+    assert "tensor model.layers.0.mlp.up_proj.smooth_scale is described but in no weight file" in fails(capsys, "--model_path", broken)
 
 
 def test_tensor_in_the_files_not_in_the_description(capsys, broken):
     edit_description(broken, lambda d: d.pop("model.layers.1.self_attn.k_proj.deq_scale"))
-    assert "not in quant_model_description.json, e.g. model.layers.1.self_attn.k_proj.deq_scale" in fails(capsys, "--model_path", broken)
+    assert "tensor model.layers.1.self_attn.k_proj.deq_scale (in quant_model_weight_w8a8_mix.safetensors) not described" in fails(capsys, "--model_path", broken)
 
 
 def test_quantized_linear_without_all_seven_tensors(capsys, broken):
     name = "model.layers.0.mlp.down_proj.quant_bias"
     edit_description(broken, lambda d: d.pop(name))
     rewrite_weights(broken, lambda t: t.pop(name))
-    assert "model.layers.0.mlp.down_proj has no quant_bias" in fails(capsys, "--model_path", broken)
+    assert "quantized linear model.layers.0.mlp.down_proj lacks tensor model.layers.0.mlp.down_proj.quant_bias" in fails(capsys, "--model_path", broken)
 
 
 def test_int8_weight_labelled_float(capsys, broken):
     edit_description(broken, lambda d: d.__setitem__("model.layers.0.mlp.up_proj.weight", "FLOAT"))
-    assert "model.layers.0.mlp.up_proj.weight: torch.int8 but not labelled W8A8_MIX" in fails(capsys, "--model_path", broken)
+    assert "tensor model.layers.0.mlp.up_proj.weight of quantized linear model.layers.0.mlp.up_proj is labelled FLOAT" in fails(capsys, "--model_path", broken)
 
 
 def test_fused_inputs_with_different_static_parameters(capsys, broken):
     """q/k/v (and gate/up) read one input and the runtime quantizes it once: it must refuse a
     checkpoint in which their input_scale/input_offset differ (SPEC §7)."""
-    rewrite_weights(broken, lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.input_scale",
-                                                    t["model.layers.1.self_attn.k_proj.input_scale"] * 2))
+    def double_k_scale(t):  # deq_scale follows, so the linear alone is consistent
+        for s in ("input_scale", "deq_scale"):
+            t[f"model.layers.1.self_attn.k_proj.{s}"] = t[f"model.layers.1.self_attn.k_proj.{s}"] * 2
+    rewrite_weights(broken, double_k_scale)
     err = fails(capsys, "--model_path", broken)
-    assert "model.layers.1.self_attn.k_proj: input_scale/input_offset differ" in err
+    assert "model.layers.1.self_attn.k_proj.input_scale: differs from model.layers.1.self_attn.q_proj.input_scale" in err
 
 
 def test_weight_shape_disagreeing_with_config(capsys, broken):
     cfg = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))
-    assert "expected [96, 64] from config.json" in fails(capsys, "--model_path", broken)
+    assert "has shape [160, 64], expected [96, 64] from" in fails(capsys, "--model_path", broken)
 
 
 def test_unsupported_architecture(capsys, broken):

@@ -18,6 +18,19 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
+def assert_hf_greedy(model, prompt: list[int], generated: list[int]) -> None:
+    """Each generated token is one that greedy decoding may pick after the same prefix: its logit under
+    transformers, teacher-forced in one forward, is the maximum, or 1 bf16 ulp below it. Random tiny
+    models have near-uniform logits, where ties at bf16 resolution are common and any two correct
+    implementations resolve some of them differently (HF generate's cached decode against HF's own full
+    forward included); a wrong token is many ulps down."""
+    logits = hf_logits(model, prompt + generated)[len(prompt) - 1:-1]
+    picked = logits.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    best = logits.max(-1).values
+    one_ulp = torch.nextafter(best.bfloat16(), torch.tensor(float("inf"), dtype=torch.bfloat16)).float() - best
+    assert (best - picked <= one_ulp).all(), (generated, logits.argmax(-1).tolist())
+
+
 def hf_greedy(model, ids: list[int], n: int, **kw) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, **kw)
@@ -45,7 +58,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny_models, arch):
     model = hf_model(folder)
     for prompt, out in zip(PROMPTS, outs):
         assert out.prompt_token_ids == prompt
-        assert out.outputs[0].token_ids == hf_greedy(model, prompt, 12)
+        assert_hf_greedy(model, prompt, out.outputs[0].token_ids)
 
 
 def test_repetition_penalty_matches_transformers(tiny_models):
@@ -95,5 +108,6 @@ def test_smollm2_greedy_matches_transformers():
                                    add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     out = LLM(folder, max_batch_size=1).generate([ids], SamplingParams(max_tokens=20))[0].outputs[0]
-    assert out.token_ids == hf_greedy(hf_model(folder), ids, 20)
+    # (HF generate itself picks another token at step 9: the top two logits are 1 bf16 ulp apart there)
+    assert_hf_greedy(hf_model(folder), ids, out.token_ids)
     assert out.text.startswith("Deep learning")

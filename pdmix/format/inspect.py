@@ -7,6 +7,7 @@ largest single tensor however big the checkpoint is.
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 DEQ_RTOL = 1e-2  # other writers compute deq_scale in another precision; 1% accepts them, catches real errors
 CHUNK = 1 << 24  # elements per slice when scanning a tensor, so a scan allocates little beyond the tensor
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 # ---------------------------------------------------------------- the checks
@@ -111,8 +113,21 @@ def _any(t: torch.Tensor, predicate) -> bool:
     return any(bool(predicate(flat[i:i + CHUNK]).any()) for i in range(0, flat.numel(), CHUNK))
 
 
-def _check_finite(st: SafetensorsFolder, name: str) -> None:
-    if st.meta(name)[0] in FLOAT_DTYPES and _any(st.get(name), lambda x: ~torch.isfinite(x)):
+# float dtype -> (same-size integer dtype, exponent mask): NaN and inf are exactly the values whose
+# exponent bits are all ones. Testing the bits is several times faster than torch.isfinite on bf16.
+EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                 torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Any NaN or inf in a float tensor, a slice at a time."""
+    int_dtype, mask = EXPONENT_BITS[t.dtype]
+    flat = t.reshape(-1).view(int_dtype)
+    return any(int((flat[i:i + CHUNK] & mask).max()) == mask for i in range(0, flat.numel(), CHUNK))
+
+
+def check_finite(st: SafetensorsFolder, name: str) -> None:
+    if st.meta(name)[0] in FLOAT_DTYPES and has_nonfinite(st.get(name)):
         raise _fail(st, name, "contains NaN or inf")
 
 
@@ -121,17 +136,28 @@ def _check_values(st: SafetensorsFolder, prefix: str, model_dtype: torch.dtype |
     def get(suffix):
         return st.get(f"{prefix}.{suffix}")
 
-    if _any(get("weight"), lambda x: x == -128):
+    weight = get("weight").reshape(-1)
+    if any(int(weight[i:i + CHUNK].min()) == -128 for i in range(0, weight.numel(), CHUNK)):
         raise _fail(st, f"{prefix}.weight", "contains -128, outside the symmetric range [-127, 127]")
     if _any(get("weight_offset"), lambda x: x != 0):
         raise _fail(st, f"{prefix}.weight_offset", "not all zero (weights are symmetric)")
     input_scale = get("input_scale")
-    if not input_scale.item() > 0:
-        raise _fail(st, f"{prefix}.input_scale", f"{input_scale.item()} is not positive")
+    if not 0 < input_scale.item() < math.inf:
+        raise _fail(st, f"{prefix}.input_scale", f"{input_scale.item()} is not a positive finite number")
     offset = get("input_offset").double().item()
-    if offset != round(offset) or not -128 <= offset <= 127:
+    if not math.isfinite(offset) or offset != round(offset) or not -128 <= offset <= 127:
         raise _fail(st, f"{prefix}.input_offset", f"{offset} is not an integer in [-128, 127]")
-    _check_deq_scale(st, prefix, input_scale, get("weight_scale"), decode_deq_scale(get("deq_scale")), model_dtype)
+    weight_scale = get("weight_scale")
+    if _any(weight_scale, lambda x: ~(x > 0)):
+        i = int((~(weight_scale.reshape(-1) > 0)).nonzero()[0])
+        raise _fail(st, f"{prefix}.weight_scale", f"channel {i} is {float(weight_scale.reshape(-1)[i])}, not positive")
+    deq = decode_deq_scale(get("deq_scale"))
+    if _any(deq, lambda x: ~((x > 0) & torch.isfinite(x))):
+        i = int((~((deq > 0) & torch.isfinite(deq))).nonzero()[0])
+        raise _fail(st, f"{prefix}.deq_scale", f"channel {i} is {float(deq[i])}, not a positive finite number")
+    if _any(get("quant_bias"), lambda x: (x == INT32_MIN) | (x == INT32_MAX)):
+        raise _fail(st, f"{prefix}.quant_bias", "reaches the int32 limit: the bias overflowed when it was quantized")
+    _check_deq_scale(st, prefix, input_scale, weight_scale, deq, model_dtype)
 
 
 def _check_deq_scale(st, prefix, input_scale, weight_scale, deq, model_dtype) -> None:
@@ -227,7 +253,7 @@ def _summary(folder, header, types, st, quantized, model_dtype) -> dict:
     }
 
 
-def _releasing(st: SafetensorsFolder, names: list[str], suffix: str = ""):
+def releasing(st: SafetensorsFolder, names: list[str], suffix: str = ""):
     """Yield names, closing the memory maps whenever the scan moves to another file: the pages of a
     scanned shard would otherwise stay counted against this process for the whole run."""
     current = None
@@ -254,9 +280,9 @@ def inspect_checkpoint(path) -> dict:
                              f"but is none of the {len(QUANT_SUFFIXES)} tensors of a quantized linear")
     for prefix in quantized:
         _check_layout(folder, st, types, prefix)
-    for name in _releasing(st, st.names()):
-        _check_finite(st, name)
-    for prefix in _releasing(st, quantized, suffix=".weight"):
+    for name in releasing(st, st.names()):
+        check_finite(st, name)
+    for prefix in releasing(st, quantized, suffix=".weight"):
         _check_values(st, prefix, model_dtype)
     _check_input_groups(st, quantized)
     return _summary(folder, header, types, st, quantized, model_dtype)

@@ -75,7 +75,9 @@ class SafetensorsFolder:
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
+            except OSError as e:  # permission denied, a folder in its place, ...: not "not a valid safetensors file"
+                raise PdmixError(f"{path}: cannot read ({e.strerror or e})") from None
+            except (SafetensorError, ValueError) as e:
                 raise PdmixError(f"{path}: not a valid safetensors file ({e})") from None
         return self._handles[path]
 

@@ -1,6 +1,6 @@
 """What pdmix needs of a model's config.json, parsed once and checked."""
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,54 +47,140 @@ class ModelConfig:
         return AutoConfig.from_pretrained(str(self.folder))
 
 
-def _as_list(v) -> list[int]:
-    if v is None:
-        return []
-    return list(v) if isinstance(v, (list, tuple)) else [v]
+# config.json's model_type -> architecture, for configs without "architectures"
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Upper bounds far above any real model: they stop a typo (1e8 layers) before memory is sized from it.
+MAX_DIM, MAX_LAYERS, MAX_HEADS, MAX_VOCAB, MAX_POSITIONS = 1 << 20, 1 << 12, 1 << 12, 1 << 24, 1 << 24
+
+
+class _Fields:
+    """Typed, range-checked reads of config.json fields; every message names the file and the field."""
+
+    def __init__(self, raw: dict, path: Path):
+        self.raw, self.path = raw, path
+
+    def fail(self, key: str, problem: str) -> PdmixError:
+        return PdmixError(f"{self.path}: {key} {problem}")
+
+    def int(self, key: str, lo: int, hi: int, default=None) -> int:
+        v = self.raw.get(key)
+        if v is None:
+            if default is None:
+                raise PdmixError(f"{self.path}: missing field {key}")
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(key, f"is {v!r} ({type(v).__name__}), expected an integer")
+        if not lo <= v <= hi:
+            raise self.fail(key, f"is {v}, expected {lo}..{hi}")
+        return v
+
+    def float(self, key: str, lo: float, hi: float, default: float) -> float:
+        v = self.raw.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self.fail(key, f"is {v!r}, expected a finite number")
+        if not lo < v < hi:
+            raise self.fail(key, f"is {v}, expected between {lo} and {hi}")
+        return float(v)
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        v = self.raw.get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.fail(key, f"is {v!r}, expected true or false")
+        return v
+
+    def token_ids(self, key: str, vocab: int, raw: dict | None = None, path: Path | None = None) -> list[int]:
+        v = (self.raw if raw is None else raw).get(key)
+        ids = [] if v is None else list(v) if isinstance(v, list) else [v]
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise PdmixError(f"{path or self.path}: {key} {v!r}: expected token ids in 0..{vocab - 1}")
+        return ids
+
+
+def _arch(raw: dict, path: Path) -> str:
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise PdmixError(f"{path}: architectures is {archs!r}, expected a list of names")
+    if archs:
+        arch = archs[0]
+    else:
+        model_type = raw.get("model_type")
+        arch = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+        if arch is None:
+            raise PdmixError(f"{path}: no \"architectures\" and model_type {model_type!r} is not one of "
+                             f"{', '.join(MODEL_TYPES)}")
+    if arch not in SUPPORTED_ARCHS:
+        raise PdmixError(f"{path}: architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    return arch
+
+
+def _check_rope(raw: dict, path: Path) -> None:
+    """The rotary settings Rotary reads: a known rope type and a finite, positive theta."""
+    rp = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        raise PdmixError(f"{path}: rope_parameters is {rp!r}, expected an object")
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise PdmixError(f"{path}: rope_type {rope_type!r} is unknown (known: default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+        raise PdmixError(f"{path}: rope_theta is {theta!r}, expected a finite number above 1")
 
 
 def load_config(folder: str | Path) -> ModelConfig:
+    """config.json (and generation_config.json's eos ids), every field pdmix uses type- and range-checked."""
     folder = Path(folder)
     path = folder / "config.json"
     if not folder.is_dir():
         raise PdmixError(f"{folder}: not a directory")
     raw = read_json_object(path, " (not a Hugging Face model folder?)")
-    archs = raw.get("architectures") or []
-    arch = archs[0] if archs else raw.get("model_type", "?")
-    if arch not in SUPPORTED_ARCHS:
-        raise PdmixError(f"{path}: architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    arch = _arch(raw, path)
     dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     if dtype_name not in DTYPES:
         raise PdmixError(f"{path}: dtype {dtype_name} is not supported (supported: bfloat16, float16)")
     qkv_bias, qk_norm = SUPPORTED_ARCHS[arch]
-    try:
-        heads = raw["num_attention_heads"]
-        hidden = raw["hidden_size"]
-        gen_cfg = folder / "generation_config.json"
-        eos = _as_list(raw.get("eos_token_id"))
-        if gen_cfg.exists():
-            eos = sorted(set(eos) | set(_as_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))))
-        return ModelConfig(
-            arch=arch,
-            hidden_size=hidden,
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or hidden // heads,
-            vocab_size=raw["vocab_size"],
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            dtype=DTYPES[dtype_name],
-            qkv_bias=qkv_bias or bool(raw.get("attention_bias", False)),
-            o_bias=arch == "LlamaForCausalLM" and bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=qk_norm,
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
-            eos_token_ids=eos,
-            bos_token_id=raw.get("bos_token_id"),
-            raw=raw,
-            folder=folder,
-        )
-    except KeyError as e:
-        raise PdmixError(f"{path}: missing field {e.args[0]}") from None
+    f = _Fields(raw, path)
+    hidden = f.int("hidden_size", 1, MAX_DIM)
+    heads = f.int("num_attention_heads", 1, MAX_HEADS)
+    kv_heads = f.int("num_key_value_heads", 1, heads, default=heads)
+    if heads % kv_heads:
+        raise f.fail("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
+    if raw.get("head_dim") is None and hidden % heads:
+        raise f.fail("hidden_size", f"{hidden} is not a multiple of num_attention_heads {heads} (and no head_dim)")
+    head_dim = f.int("head_dim", 1, MAX_DIM, default=hidden // heads)
+    if head_dim % 2:
+        raise f.fail("head_dim", f"is {head_dim}; rotary embeddings need an even head_dim")
+    vocab = f.int("vocab_size", 1, MAX_VOCAB)
+    attention_bias = f.bool("attention_bias")
+    eos = f.token_ids("eos_token_id", vocab)
+    gen_cfg = folder / "generation_config.json"
+    if gen_cfg.exists():
+        eos = sorted(set(eos) | set(f.token_ids("eos_token_id", vocab, read_json_object(gen_cfg), gen_cfg)))
+    bos = f.token_ids("bos_token_id", vocab)
+    _check_rope(raw, path)
+    return ModelConfig(
+        arch=arch,
+        hidden_size=hidden,
+        intermediate_size=f.int("intermediate_size", 1, MAX_DIM),
+        num_layers=f.int("num_hidden_layers", 1, MAX_LAYERS),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        rms_norm_eps=f.float("rms_norm_eps", 0.0, 1.0, 1e-6),
+        tie_word_embeddings=f.bool("tie_word_embeddings"),
+        dtype=DTYPES[dtype_name],
+        qkv_bias=qkv_bias or attention_bias,
+        o_bias=arch == "LlamaForCausalLM" and attention_bias,
+        mlp_bias=f.bool("mlp_bias"),
+        qk_norm=qk_norm,
+        max_position_embeddings=f.int("max_position_embeddings", 1, MAX_POSITIONS, default=32768),
+        eos_token_ids=eos,
+        bos_token_id=bos[0] if bos else None,
+        raw=raw,
+        folder=folder,
+    )

@@ -106,15 +106,23 @@ class Attention(nn.Module):
             return self.qkv_proj(x, split).split(self.qkv_sizes, dim=-1)
         return self.q_proj(x, split), self.k_proj(x, split), self.v_proj(x, split)
 
-    def forward(self, x, cos, sin, attn, split=None):
-        t = x.shape[0]
+    def rotated_qkv(self, x, cos, sin, split):
+        """q [T, H, D], k and v [T, KV, D], with rotary applied to q and k."""
+        t, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k are adjacent in the fused output: rotate them in one pass (same values, fewer ops)
+            qkv = self.qkv_proj(x, split)
+            qk = apply_rotary(qkv[:, :(h + kv) * d].view(t, h + kv, d), cos, sin)
+            return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * d:].view(t, kv, d)
         q, k, v = self.project_qkv(x, split)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q, k, v = q.reshape(t, h, d), k.reshape(t, kv, d), v.reshape(t, kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attn, split=None):
+        t = x.shape[0]
+        q, k, v = self.rotated_qkv(x, cos, sin, split)
         o = attn(self.layer_idx, q, k, v)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim), split)
 

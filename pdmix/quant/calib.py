@@ -22,8 +22,10 @@ def read_prompts(path: str | Path | None, max_samples: int) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise PdmixError(f"--calib_file {path}: no such file") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise PdmixError(f"--calib_file {path}: cannot read ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise PdmixError(f"--calib_file {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise PdmixError(f"--calib_file {path}: cannot read ({e.strerror or e.__class__.__name__})") from None
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -35,6 +37,11 @@ def read_prompts(path: str | Path | None, max_samples: int) -> list[str]:
         text = next((row[f] for f in FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
         if text is None:
             raise PdmixError(f"--calib_file {path}: line {n} has no string field {' or '.join(FIELDS)}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PdmixError(f"--calib_file {path}: line {n} holds {e.object[e.start:e.end]!a}, "
+                             f"not a character (a lone surrogate escape?)") from None
         if text.strip():
             prompts.append(text)
     if not prompts:
@@ -48,4 +55,6 @@ def tokenize(tokenizer, prompts: list[str], max_len: int) -> list[torch.Tensor]:
         t = tokenizer(p, add_special_tokens=True)["input_ids"][:max_len]
         if t:
             ids.append(torch.tensor(t, dtype=torch.long))
+    if not ids:
+        raise PdmixError("the tokenizer turned every calibration prompt into no tokens")
     return ids

@@ -1,5 +1,6 @@
 """Quantization settings (torchao-style dataclass) and the named recipes that `--model_type` selects."""
 
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
@@ -20,6 +21,30 @@ class QuantConfig:
     device: str = "cpu"
     quiet: bool = False
     extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Types and ranges of every setting, before any file is read."""
+        for name in ("calib_max_samples", "calib_max_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PdmixError(f"--{name} {v}: expected a whole number of at least 1")
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:  # NaN fails the comparison
+            raise PdmixError(f"--alpha {self.alpha}: expected a number in [0, 1]")
+        if not isinstance(self.part_file_size, (int, float)) or not 0 < self.part_file_size < math.inf:
+            raise PdmixError(f"--part_file_size {self.part_file_size}: expected a positive number of GB")
+        if self.rollback_count() is None and not 0 < float(self.disable_level.split(":")[1]) < math.inf:
+            raise PdmixError(f"--disable_level {self.disable_level}: the budget must be a positive percentage")
+
+    def check_model(self, cfg) -> None:
+        """Settings that depend on the model: the prompt length its positions allow, and a rollback
+        that leaves something to quantize."""
+        if self.calib_max_len > cfg.max_position_embeddings:
+            raise PdmixError(f"--calib_max_len {self.calib_max_len}: the model has max_position_embeddings "
+                             f"{cfg.max_position_embeddings}; calibrating past it measures positions it never sees")
+        n, total = self.rollback_count(), 7 * cfg.num_layers
+        if n is not None and n >= total:
+            raise PdmixError(f"--disable_level {self.disable_level}: the model has {total} linears, so nothing would "
+                             f"be quantized; use at most L{total - 1}")
 
     def rollback_count(self) -> int | None:
         """n of 'Ln', or None for a budget ('auto:<pct>')."""

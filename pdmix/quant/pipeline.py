@@ -15,22 +15,28 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from pdmix.atomic import atomic_dir, check_target
+from pdmix.format.inspect import inspect_checkpoint
+from pdmix.format.validate import check_float_source, check_not_quantized
+from pdmix.paths import check_no_overlap
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.format.names import FLOAT, INPUT_GROUPS, QUANT_TYPE, linear_prefix
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
 from pdmix.models.config import ModelConfig, load_config
-from pdmix.models.layers import DecoderLayer, Rotary, layer_norms, packed_causal_attention
+from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
 from pdmix.quant import calib, rollback
 from pdmix.quant.anti_outlier import GROUPS, METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, make_observer
+from pdmix.tokenizer import load_tokenizer
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP_NAME = {g: name for name, g in GROUPS.items()}  # ("q_proj","k_proj","v_proj") -> "qkv"
@@ -59,24 +65,6 @@ def layer_names(cfg: ModelConfig, i: int) -> list[str]:
     if cfg.qk_norm:
         names += [f"model.layers.{i}.self_attn.{n}.weight" for n in ("q_norm", "k_norm")]
     return names
-
-
-def check_source(cfg: ModelConfig, st: SafetensorsFolder) -> None:
-    """Every tensor the model needs is there, in the config's dtype, before any work starts."""
-    required = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_word_embeddings:
-        required.append("lm_head.weight")
-    for i in range(cfg.num_layers):
-        required += layer_names(cfg, i)
-    for name in required:
-        if name not in st:
-            raise PdmixError(f"{st.folder}: tensor {name} missing")
-    expected = {torch.bfloat16: "BF16", torch.float16: "F16"}[cfg.dtype]
-    for name in st.names():
-        dtype, _ = st.meta(name)
-        if dtype != expected:
-            raise PdmixError(f"{st.file_of(name)}: tensor {name} is {dtype}, expected {expected} "
-                             f"(config.json dtype); pdmix quantizes bf16 and fp16 models")
 
 
 def load_layer(st: SafetensorsFolder, i: int) -> dict[str, torch.Tensor]:
@@ -110,6 +98,44 @@ def observe_inputs(layer: DecoderLayer, on_input):
         lin = getattr(module, first)
         handles.append(lin.register_forward_pre_hook(lambda m, args, g=group: on_input(g, args[0])))
     return handles
+
+
+ATTN_SCORE_BYTES = 1 << 28  # a prompt whose attention scores [H, T, T] would pass this takes a bounded path
+
+
+def bounded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """causal_attention with memory linear in the prompt length T. Short prompts: causal_attention
+    itself. Long ones: a fused SDPA kernel (flash / memory-efficient, which never hold the [T, T]
+    scores; CPU and CUDA have one), else blocks of queries, each against the keys up to it."""
+    t, heads = q.shape[0], q.shape[1]
+    if 4 * heads * t * t <= ATTN_SCORE_BYTES:
+        return causal_attention(q, k, v)
+    rep = heads // k.shape[1]
+    q4, k4, v4 = (x.transpose(0, 1)[None].float() for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)[0].transpose(0, 1).to(q.dtype)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1).to(q.dtype)
+
+
+def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over [1, H, T, D] a block of queries at a time: scores stay under ATTN_SCORE_BYTES."""
+    t = q.shape[2]
+    block = max(1, ATTN_SCORE_BYTES // (4 * q.shape[1] * t))
+    out = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        mask = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril(diagonal=s)
+        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=mask))
+    return torch.cat(out, dim=2)
+
+
+def packed_attention(lengths: list[int]):
+    """attn(layer_idx, q, k, v) over calibration prompts packed row after row."""
+    def attn(_, q, k, v):
+        return torch.cat([bounded_causal_attention(*t) for t in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
+    return attn
 
 
 class Calibration:
@@ -151,7 +177,7 @@ class Calibration:
             if on_chunk:
                 on_chunk(i)
             cos, sin = self.rope[i]
-            out.append(layer(h, cos, sin, packed_causal_attention(self.lengths[i]), split))
+            out.append(layer(h, cos, sin, packed_attention(self.lengths[i]), split))
         if keep:
             self.hidden = out
 
@@ -304,17 +330,22 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     log = Log(config.quiet)
     t0 = time.time()
     model_path = Path(model_path)
-    check_target(Path(save_path), overwrite)
-    device = resolve_device(config.device)
-    cfg = load_config(model_path)
+    config.validate()
     if config.anti_method not in METHODS:
         raise PdmixError(f"--anti_method {config.anti_method}: expected one of {', '.join(METHODS)}")
     if config.observer not in OBSERVERS:
         raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
+    check_no_overlap(model_path, save_path)
+    check_target(Path(save_path), overwrite)
+    device = resolve_device(config.device)
+    if model_path.is_dir():
+        check_not_quantized(model_path)
+    cfg = load_config(model_path)
+    config.check_model(cfg)
     n_rollback = config.rollback_count()
     auto = n_rollback is None
     st = SafetensorsFolder(model_path, quantized=False)
-    check_source(cfg, st)
+    check_float_source(cfg, st)  # names, shapes, dtypes against config.json; no NaN/inf (streamed)
     rollback.expand_names(config.disable_names, cfg.num_layers)
     prompts = calib.read_prompts(config.calib_file, config.calib_max_samples)
     tokenizer = load_tokenizer(model_path)
@@ -323,7 +354,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
         f"rollback {config.disable_level}; device {device}")
 
-    with atomic_dir(save_path, overwrite) as out:
+    with atomic_dir(save_path, overwrite, source=model_path) as out:
         cal = Calibration(cfg, st, ids, device)
         spill, scores = None, {}
         if config.anti_method != "none" or n_rollback or auto:
@@ -349,15 +380,18 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         if spill:
             shutil.rmtree(spill)
         copy_side_files(model_path, out)
+        check_output(out, save_path)
     n_quant = cfg.num_layers * len(LINEARS) - len(float_linears)
     log(f"wrote {save_path}: {n_quant} linears W8A8_MIX, {len(float_linears)} float, {len(files)} file(s) "
         f"in {time.time() - t0:.1f}s")
     return Path(save_path)
 
 
-def load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
+def check_output(out: Path, save_path) -> None:
+    """inspect's checks on the finished folder before it is renamed into place: a checkpoint that
+    `pdmix inspect` would reject is never published."""
     try:
-        return AutoTokenizer.from_pretrained(str(model_path))
-    except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-        raise PdmixError(f"{model_path}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        inspect_checkpoint(out)
+    except PdmixError as e:
+        raise PdmixError(f"the quantized model fails inspect's checks, so nothing was written to --save_path "
+                         f"{save_path}: {str(e).replace(str(out), str(save_path))}") from None

@@ -13,9 +13,9 @@ from pdmix.errors import PdmixError
 from pdmix.models.linear import RowSplit
 from pdmix.models.model import CausalLM
 from pdmix.runtime import tp as tpm
-from pdmix.runtime.attention import PagedAttention, SeqRows, StepMetadata
+from pdmix.runtime.attention import PagedAttention, SeqRows, StepMetadata, build_metadata
 from pdmix.runtime.kv_cache import KVCache, blocks_needed
-from pdmix.runtime.sampling import SamplingParams, sample_one
+from pdmix.runtime.sampling import SamplingParams, sample, token_logprobs
 from pdmix.runtime.scheduler import Plan, Scheduler, Sequence
 from pdmix.runtime.tp import TP
 
@@ -35,14 +35,18 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0   # steps with decode rows only (a mixed step counts as prefill time)
+    prefill_cpu_s: float = 0.0  # CPU time of this process (all its threads) in those steps
+    decode_cpu_s: float = 0.0
 
-    def record(self, n_prefill: int, n_decode: int, seconds: float) -> None:
+    def record(self, n_prefill: int, n_decode: int, seconds: float, cpu_seconds: float) -> None:
         if n_prefill:
             self.prefill_tokens += n_prefill
             self.prefill_s += seconds
+            self.prefill_cpu_s += cpu_seconds
         else:
             self.decode_tokens += n_decode
             self.decode_s += seconds
+            self.decode_cpu_s += cpu_seconds
 
 
 class StepRows:
@@ -56,7 +60,7 @@ class StepRows:
     def add(self, seq: Sequence, n: int, sample: bool) -> SeqRows:
         """Rows for seq's next n tokens; with sample, the last of them picks seq's next token."""
         start, bs = seq.num_computed, self.block_size
-        rows = SeqRows(len(self.ids), n, start, torch.tensor(seq.block_table))
+        rows = SeqRows(len(self.ids), n, start, seq.block_table)
         self.ids += seq.tokens[start:start + n]
         self.positions += range(start, start + n)
         self.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -77,10 +81,9 @@ def decode_rows(plan: Plan, rows: StepRows) -> list[SeqRows]:
 def prepare(plan: Plan, block_size: int, device: torch.device) -> Batch:
     rows = StepRows(block_size)
     prefill, decode = prefill_rows(plan, rows), decode_rows(plan, rows)
-    for r in prefill + decode:
-        r.block_table = r.block_table.to(device)
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)
-    return Batch(as_tensor(rows.ids), as_tensor(rows.positions), StepMetadata(as_tensor(rows.slots), prefill, decode),
+    meta = build_metadata(as_tensor(rows.slots), prefill, decode, block_size, device)
+    return Batch(as_tensor(rows.ids), as_tensor(rows.positions), meta,
                  [r for r, _ in rows.sample], [s for _, s in rows.sample])
 
 
@@ -102,7 +105,7 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One forward over the scheduled rows; returns the sequences that finished."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         plan = self.scheduler.schedule()
         if not plan:
             raise PdmixError("scheduler made no progress (KV cache too small for the batch?)")
@@ -115,21 +118,21 @@ class Engine:
         for seq in plan.decode:
             seq.num_computed += 1
         finished = [seq for seq, token, row in zip(batch.sample_seqs, tokens, logits) if self.append(seq, token, row)]
-        self.stats.record(n_prefill, len(plan.decode), time.perf_counter() - start)
+        self.stats.record(n_prefill, len(plan.decode), time.perf_counter() - start, time.process_time() - cpu_start)
         return finished
 
     def forward(self, batch: Batch, split: RowSplit) -> torch.Tensor:
         return self.model(batch.input_ids, batch.positions, PagedAttention(self.cache, batch.meta), split)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        tokens = torch.tensor([sample_one(row, s.params, s.tokens, s.generator) for s, row in zip(seqs, logits)],
-                              dtype=torch.long, device=self.device)
-        return tpm.broadcast(tokens, self.tp).tolist()
+        return tpm.broadcast(sample(logits, seqs), self.tp).tolist()
 
     def append(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         seq.output_ids.append(token)
         if seq.params.return_logits:
             seq.logits.append(logits.cpu())
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token_logprobs(logits, token, seq.params.logprobs))
         reason = ("stop" if token in self.eos_ids and not seq.params.ignore_eos else
                   "length" if len(seq.output_ids) >= seq.params.max_tokens else None)
         if reason:

@@ -7,13 +7,16 @@ import torch
 from pdmix import kernels
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
+from pdmix.format.validate import check_loadable
 from pdmix.models.config import load_config
+from pdmix.params import whole
 from pdmix.models.linear import MODES
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.engine import Engine, Stats
-from pdmix.runtime.kv_cache import KVCache, blocks_needed
+from pdmix.runtime.kv_cache import KVCache, blocks_needed, cache_dtype
 from pdmix.runtime.loader import load_model
 from pdmix.runtime.sampling import SamplingParams, make_generator
+from pdmix.tokenizer import load_tokenizer
 from pdmix.runtime.scheduler import Scheduler, Sequence
 
 
@@ -45,20 +48,29 @@ class LLM:
                  num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None):
         if quant_mode not in MODES:
             raise PdmixError(f"quant_mode must be one of {', '.join(MODES)}, got {quant_mode!r}")
-        for name, v in (("block_size", block_size), ("max_batch_size", max_batch_size),
-                        ("max_input_length", max_input_length), ("max_output_length", max_output_length)):
-            if v < 1:
-                raise PdmixError(f"{name} must be at least 1, got {v}")
+        whole("block_size", block_size, 1, 1 << 16)
+        whole("max_batch_size", max_batch_size, 1)
+        if max_prefill_tokens is not None:
+            whole("max_prefill_tokens", max_prefill_tokens, 1)
+        if num_blocks is not None:
+            whole("num_blocks", num_blocks, 1)
         kernels.check_name(kernel)
         cfg = load_config(model_path)
+        for name, v in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
+            whole(name, v, 1, cfg.max_position_embeddings)  # positions past it were never trained
         tpm.check_divisible(cfg, tpm.from_env().size)  # before any rank joins the process group
-        self.tp, self.device = tpm.init(resolve_device(device))
-        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel)
-        self.max_input_length = max_input_length
         if num_blocks is None:
             num_blocks = max_batch_size * blocks_needed(max_input_length + max_output_length, block_size)
+        device = resolve_device(device)
+        check_kv_memory(cfg, num_blocks, block_size, tpm.from_env().size, device,
+                        f"max_batch_size {max_batch_size} x (max_input_length {max_input_length} + "
+                        f"max_output_length {max_output_length}) tokens")
+        check_loadable(cfg)  # before joining the process group: every rank refuses a bad checkpoint alike
+        self.tp, self.device = tpm.init(device)
+        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, check=False)
+        self.max_input_length = max_input_length
         cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads // self.tp.size, cfg.head_dim,
-                        cfg.dtype, self.device)
+                        cache_dtype(cfg.dtype, self.device), self.device)
         prefill_budget = max_prefill_tokens or max_batch_size * max_input_length
         scheduler = Scheduler(cache.allocator, block_size, max_batch_size, prefill_budget)
         self.engine = Engine(self.model, cache, scheduler, cfg.eos_token_ids, quant_mode, self.tp, self.device)
@@ -67,12 +79,13 @@ class LLM:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.cfg.folder))
-            except (OSError, ValueError) as e:
-                raise PdmixError(f"{self.cfg.folder}: no usable tokenizer ({e.__class__.__name__})") from None
+            self._tokenizer = load_tokenizer(self.cfg.folder, "; give token ids instead (--input_ids)")
         return self._tokenizer
+
+    @property
+    def kernel_names(self) -> list[str]:
+        """The W8A8 kernel backends this model's quantized linears run on (empty for a float model)."""
+        return sorted({m.kernel.name for m in self.model.modules() if getattr(m, "kernel", None) is not None})
 
     @property
     def stats(self) -> Stats:
@@ -80,30 +93,43 @@ class LLM:
         return self.engine.stats
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+        ids = self.tokenizer(prompt)["input_ids"]
+        if prompt and not ids:
+            raise PdmixError(f"the tokenizer of {self.cfg.folder} turned the prompt {prompt[:40]!r} into no tokens")
+        return ids
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token-id lists."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and not isinstance(prompts[0], (str, list, tuple))):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        if not isinstance(prompts, (list, tuple)):
+            raise PdmixError(f"prompts must be a string, a list of strings or a list of token-id lists, "
+                             f"got {type(prompts).__name__}")
+        params = SamplingParams() if sampling_params is None else sampling_params
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise PdmixError(f"{len(prompts)} prompts but {len(params)} sampling params")
         seqs = []
-        for prompt, p in zip(prompts, params):
-            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if not isinstance(p, SamplingParams):
+                raise PdmixError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+            ids = self.encode(prompt) if isinstance(prompt, str) else prompt_ids(prompt, i)
             self.check_prompt(ids)
+            if len(ids) + p.max_tokens > self.cfg.max_position_embeddings:
+                raise PdmixError(f"prompt {i}: {len(ids)} tokens + max_tokens {p.max_tokens} pass the model's "
+                                 f"max_position_embeddings {self.cfg.max_position_embeddings}")
             seqs.append(Sequence(ids, p, make_generator(p, self.device)))
         self.engine.stats = Stats()
         self.engine.run(seqs)
         return [self.output(prompt, seq) for prompt, seq in zip(prompts, seqs)]
 
-    def warmup(self, prompt_len: int = 16, decode_steps: int = 2) -> None:
-        """One short prefill and a few decode steps, so one-time initialisation (kernel selection,
-        first allocations) is not counted in the first request's timings."""
-        self.generate([[0] * min(prompt_len, self.max_input_length)],
-                      SamplingParams(max_tokens=decode_steps, ignore_eos=True))
+    def warmup(self, prompt_lens: tuple[int, ...] = (8, 64), decode_steps: int = 2) -> None:
+        """Short prefills and a few decode steps, so one-time initialisation (kernel selection, the
+        compiled fusions that larger prefills use, first allocations) is not counted in the first
+        request's timings."""
+        for n in prompt_lens:
+            self.generate([[0] * min(n, self.max_input_length)], SamplingParams(max_tokens=decode_steps, ignore_eos=True))
         self.engine.stats = Stats()
 
     def check_prompt(self, ids: list[int], limit_length: bool = True) -> None:
@@ -132,5 +158,43 @@ class LLM:
         [0, n_prefill) take the dynamic path and the rest the static one."""
         if mode not in MODES:
             raise PdmixError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.check_prompt(list(token_ids), limit_length=False)
+        token_ids = prompt_ids(token_ids, 0)
+        self.check_prompt(token_ids, limit_length=False)
+        if len(token_ids) > self.cfg.max_position_embeddings:
+            raise PdmixError(f"{len(token_ids)} tokens pass the model's max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
         return self.engine.score(list(token_ids), n_prefill, mode)
+
+
+def prompt_ids(prompt, i: int) -> list[int]:
+    """A token-id prompt as a list of ints: floats (1.5, even 1.0), bools and strings are refused."""
+    if not isinstance(prompt, (list, tuple)):
+        raise PdmixError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
+    for t in prompt:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise PdmixError(f"prompt {i}: token ids must be integers, got {t!r}")
+    return list(prompt)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on the device (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_kv_memory(cfg, num_blocks: int, block_size: int, tp_size: int, device: torch.device, what: str) -> None:
+    """Refuse a KV cache that cannot fit before allocating it (a typo such as --max_batch_size 1e7 would
+    otherwise ask the allocator for hundreds of GB)."""
+    elt = torch.empty((), dtype=cache_dtype(cfg.dtype, device)).element_size()
+    need = num_blocks * block_size * cfg.num_layers * 2 * (cfg.num_kv_heads // tp_size) * cfg.head_dim * elt
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise PdmixError(f"the KV cache for {what} needs {need / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB "
+                         f"available on {device.type}; lower them")

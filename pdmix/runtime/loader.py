@@ -15,6 +15,7 @@ from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.names import (COLUMN_PARALLEL, DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE, ATTN_LINEARS,
                                 MLP_LINEARS, linear_prefix)
 from pdmix.format.reader import SafetensorsFolder
+from pdmix.format.validate import check_loadable
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import DecoderLayer, RMSNorm, layer_norms
 from pdmix.models.linear import FloatLinear, W8A8MixLinear, prepare_kernels
@@ -24,9 +25,13 @@ from pdmix.runtime.tp import TP
 from pdmix.schemes import w8a8_mix
 
 
-def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: str | None = None) -> CausalLM:
-    """kernel: force one W8A8 kernel backend by name (default: the device's priority list)."""
+def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: str | None = None,
+               check: bool = True) -> CausalLM:
+    """kernel: force one W8A8 kernel backend by name (default: the device's priority list).
+    check=False: the caller already ran check_loadable(cfg)."""
     tpm.check_divisible(cfg, tp.size)
+    if check:
+        check_loadable(cfg)  # inspect's checks (W8A8_MIX) or shapes and finiteness (float), before building
     quantized = is_quant_checkpoint(cfg.folder)
     reader = SafetensorsFolder(cfg.folder, quantized)
     types = check_description(cfg.folder, reader) if quantized else {}

@@ -4,7 +4,17 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmix.errors import PdmixError
+from pdmix.params import boolean, number, whole
+
+
+def check_sampling(temperature, top_k, top_p, repetition_penalty, seed, prefix: str = "") -> None:
+    """Types and ranges; errors name each parameter with `prefix` ("--" for command-line flags)."""
+    number(f"{prefix}temperature", temperature, 0)
+    whole(f"{prefix}top_k", top_k, -1)
+    number(f"{prefix}top_p", top_p, 0, 1, lo_open=True)
+    number(f"{prefix}repetition_penalty", repetition_penalty, 0, lo_open=True)
+    if seed is not None:
+        whole(f"{prefix}seed", seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
 
 
 @dataclass
@@ -17,16 +27,15 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     return_logits: bool = False   # keep the fp32 logits each output token was sampled from
+    logprobs: int | None = None   # keep each output token's logprob and the top-N alternatives
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise PdmixError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise PdmixError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PdmixError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise PdmixError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        whole("max_tokens", self.max_tokens, 1)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
+        boolean("ignore_eos", self.ignore_eos)
+        boolean("return_logits", self.return_logits)
+        if self.logprobs is not None:
+            whole("logprobs", self.logprobs, 0)
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +75,15 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, seen: list[int], ge
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def sample(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """Next tokens [B] (int64) from fp32 logits [B, vocab], one row per sequence: one argmax for the
+    whole batch when every sequence decodes greedily without a repetition penalty."""
+    if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs):
+        return logits.argmax(-1)
+    return torch.tensor([sample_one(row, s.params, s.tokens, s.generator) for s, row in zip(seqs, logits)],
+                        dtype=torch.long, device=logits.device)
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.greedy:
         return None
@@ -75,3 +93,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     else:
         g.manual_seed(params.seed)
     return g
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of token (before any penalty or temperature) and its top candidates."""
+    logp = logits.float().log_softmax(-1)
+    values, ids = logp.topk(min(top, logp.shape[-1]))
+    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

@@ -32,6 +32,7 @@ class Sequence:
     num_computed: int = 0      # tokens whose k/v are in the cache
     num_prefill: int = 0       # tokens to run as prompt rows (prompt, or everything after a preemption)
     finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # (token logprob, [(id, logprob)] top) per output token
 
     def __post_init__(self):
         self.num_prefill = len(self.prompt_ids)
@@ -147,3 +148,12 @@ class Scheduler:
         seq.finish_reason = reason
         self.running.remove(seq)
         self._release(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence wherever it is (waiting or running) and free its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+        seq.finish_reason = "abort"

@@ -1,0 +1,32 @@
+"""Type and range checks of parameters (command-line flags, SamplingParams, LLM arguments); each
+failure is a PdmixError naming the parameter."""
+
+import math
+
+from pdmix.errors import PdmixError
+
+
+def whole(name: str, v, lo: int, hi: int | None = None) -> int:
+    """An int (not a bool, not 2.5) in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PdmixError(f"{name} must be a whole number, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise PdmixError(f"{name} must be {f'in [{lo}, {hi}]' if hi is not None else f'at least {lo}'}, got {v}")
+    return v
+
+
+def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+           hi_open: bool = False) -> float:
+    """A finite real number in the interval (open or closed at each end)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise PdmixError(f"{name} must be a finite number, got {v!r}")
+    if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise PdmixError(f"{name} must be in {interval}, got {v}")
+    return float(v)
+
+
+def boolean(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise PdmixError(f"{name} must be True or False, got {v!r}")
+    return v

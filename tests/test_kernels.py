@@ -1,0 +1,120 @@
+"""Kernel backends against the reference backend (the SPEC §5 oracle) on the same layer and rows."""
+
+import pytest
+import torch
+
+from pdmix import kernels
+from pdmix.errors import PdmixError
+from pdmix.kernels import reference
+from pdmix.kernels.reference import ReferenceKernel
+from pdmix.quant.arithmetic import quantize_linear, static_activation_params
+from pdmix.schemes import w8a8_mix
+
+CPU = torch.device("cpu")
+FAST_CPU = [n for n in kernels.PRIORITY["cpu"] if n != "reference"]
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def layer(n: int, k: int, seed: int, dtype=torch.bfloat16, bias: bool = True, device=CPU) -> w8a8_mix.W8A8Params:
+    """A quantized layer with outlier channels, a bias and a static range from a sample of its input."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None
+    x = activations(256, k, seed + 1, dtype)
+    scale, offset = static_activation_params(x.amin(dim=1), x.amax(dim=1), dtype)
+    return w8a8_mix.params_from_tensors(vars(quantize_linear(w, b, scale, offset))).to(device)
+
+
+def activations(m: int, k: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) + 0.3
+    x[:, :3] *= 8  # outlier channels, as real activations have
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name", FAST_CPU)
+@pytest.mark.parametrize("n,k,m,n_dynamic", [(96, 64, 1, 0), (192, 576, 8, 0), (192, 576, 300, 300),
+                                             (320, 128, 37, 20), (128, 1536, 16, 0), (128, 1536, 512, 512),
+                                             (1536, 576, 64, 0)])
+def test_cpu_backend_matches_reference_bit_for_bit(name, n, k, m, n_dynamic):
+    """Same int32 accumulators and, since the epilogues run in the reference's order, the same output
+    bits: an int8 model re-quantizes every output, so 1 ulp would flip codes downstream."""
+    p = layer(n, k, seed=n + k)
+    x = activations(m, k, seed=m)
+    ref, got = ReferenceKernel(p, torch.bfloat16), kernels.build(p, torch.bfloat16, name)
+    acc, s = got.accumulate(x, n_dynamic)
+    acc_ref, s_ref = ref.accumulate(x, n_dynamic)
+    assert torch.equal(acc, acc_ref) and torch.equal(s, s_ref)
+    y, y_ref = got.apply(x, n_dynamic), ref.apply(x, n_dynamic)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("name", FAST_CPU)
+def test_cpu_backend_static_rows_equal_spec_formula(name):
+    """Static rows against SPEC §5 written out: deq_scale * (x_q @ W^T + quant_bias), x_q computed here."""
+    p = layer(64, 96, seed=5, bias=False)
+    x = activations(4, 96, seed=9)
+    x_q = torch.clamp(torch.round(x.float() / p.input_scale + p.input_offset), -128, 127)
+    spec = (p.deq_scale * (x_q.double() @ p.weight.double().t() + p.quant_bias).float()).to(torch.bfloat16)
+    assert torch.equal(kernels.build(p, torch.bfloat16, name).apply(x, 0), spec)
+
+
+def test_empty_rows():
+    p = layer(32, 64, seed=1)
+    for name in kernels.PRIORITY["cpu"]:
+        assert kernels.build(p, torch.bfloat16, name).apply(torch.empty(0, 64, dtype=torch.bfloat16), 0).shape == (0, 32)
+
+
+def test_priority_list_and_forcing():
+    assert kernels.choose(CPU).name == kernels.PRIORITY["cpu"][0] == "onednn"
+    # a row-parallel shard needs the exact int32 all-reduce: only the reference exposes its accumulator
+    assert kernels.choose(CPU, row_parallel=True).name == "reference"
+    assert kernels.choose(CPU, name="reference").name == "reference"
+    with pytest.raises(PdmixError, match="--kernel bogus: unknown kernel backend"):
+        kernels.choose(CPU, name="bogus")
+    with pytest.raises(PdmixError, match="--kernel cuda: cannot run this layer on cpu"):
+        kernels.choose(CPU, name="cuda")
+    with pytest.raises(PdmixError, match="--kernel onednn: cannot run this layer on cpu: a row-parallel"):
+        kernels.choose(CPU, row_parallel=True, name="onednn")
+
+
+@ON_CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n_dynamic", [(1, 0), (16, 0), (17, 17), (300, 100)])
+def test_cuda_backend_accumulators_and_outputs(m, n_dynamic):
+    cuda = torch.device("cuda")
+    p = layer(256, 512, seed=3, device=cuda)
+    x = activations(m, 512, seed=4).to(cuda)
+    ref, got = ReferenceKernel(p, torch.bfloat16), kernels.build(p, torch.bfloat16, "cuda")
+    assert torch.equal(got.accumulate(x, n_dynamic)[0], ref.accumulate(x, n_dynamic)[0])
+    assert torch.equal(got.apply(x, n_dynamic), ref.apply(x, n_dynamic))
+
+
+@pytest.mark.real
+def test_smollm2_greedy_tokens_identical_across_backends(smollm2_w8a8):
+    from pdmix import LLM, SamplingParams
+
+    prompt = "What's deep learning? Explain it to a student."
+    outs = {}
+    for name in kernels.PRIORITY["cpu"]:
+        llm = LLM(smollm2_w8a8, max_batch_size=1, kernel=name)
+        outs[name] = llm.generate(prompt, SamplingParams(max_tokens=64, ignore_eos=True))[0].outputs[0].token_ids
+    assert len(outs["reference"]) == 64
+    assert all(ids == outs["reference"] for ids in outs.values())
+
+
+def test_compiled_fusions_are_bit_identical_to_eager():
+    from pdmix.kernels import onednn
+
+    x = activations(300, 576, seed=2)  # above COMPILE_MIN_ELEMENTS: the fused path
+    assert x.numel() >= onednn.COMPILE_MIN_ELEMENTS
+    scale, offset = torch.tensor(0.037), torch.tensor(3.0)
+    assert torch.equal(onednn.fused(onednn.quantize_static_u8, x, scale, offset),
+                       onednn.quantize_static_u8(x, scale, offset))
+    (q, s), (q_ref, s_ref) = onednn.fused(onednn.quantize_dynamic_u8, x), onednn.quantize_dynamic_u8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    acc, w_scale, b = torch.randint(-99999, 99999, (300, 192)).float(), torch.rand(192) / 100, torch.randn(192)
+    assert torch.equal(onednn.fused(reference.epilogue_dynamic, acc, s, w_scale, b, torch.bfloat16),
+                       reference.epilogue_dynamic(acc.to(torch.int32), s, w_scale, b, torch.bfloat16))
+    assert torch.equal(onednn.fused(onednn.epilogue_static, acc, w_scale, torch.bfloat16),
+                       onednn.epilogue_static(acc, w_scale, torch.bfloat16))

@@ -113,6 +113,14 @@ def params_from_tensors(t: dict[str, torch.Tensor], name: str = "",
     return p
 
 
+def static_weight_scale(p: W8A8Params) -> torch.Tensor:
+    """The weight scale that makes an int8 GEMM with activation scale input_scale and zero point
+    input_offset compute the static path: x_scale * w_scale = deq_scale, the file's bf16-rounded
+    product (not input_scale * weight_scale). With bias_float as the GEMM's bias,
+    deq_scale * (x_q @ W^T - input_offset * sum_k W) + bias_float = deq_scale * (acc + quant_bias)."""
+    return (p.deq_scale / p.input_scale).contiguous()
+
+
 def concat(members: list[W8A8Params], names: list[str]) -> W8A8Params:
     """One layer computing several that read the same input (q/k/v, gate/up), outputs concatenated.
 
@@ -148,7 +156,11 @@ def shard_row(t: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, tor
 
     pdmix's own runtime does not use this for its row-parallel layers: it all-reduces the exact int32
     accumulator instead (bit-identical to one process) and keeps quant_bias whole on every rank."""
-    out = dict(t, weight=_slice(t["weight"], 1, rank, size))
-    if rank != 0:
-        out["quant_bias"] = torch.zeros_like(t["quant_bias"])
-    return out
+    return dict(t, weight=_slice(t["weight"], 1, rank, size), quant_bias=row_quant_bias(t["quant_bias"], rank))
+
+
+def row_quant_bias(quant_bias: torch.Tensor, rank: int) -> torch.Tensor:
+    """A row-parallel rank's quant_bias (SPEC §8): whole on rank 0, zero elsewhere. A rank's
+    recovered bias_float then uses its own weight columns, so the ranks' biases sum to the layer's
+    on both paths."""
+    return quant_bias if rank == 0 else torch.zeros_like(quant_bias)

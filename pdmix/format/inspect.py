@@ -19,7 +19,7 @@ from pdmix.format.description import read_description
 from pdmix.format.names import (ATTN_LINEARS, DESCRIPTION_FILE, FLOAT, INDEX_FILE, INPUT_GROUPS, MLP_LINEARS,
                                 QUANT_SUFFIXES, QUANT_TYPE, WEIGHT_FILE)
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.schemes.w8a8_mix import PARAM_DTYPES, decode_deq_scale
+from pdmix.schemes.w8a8_mix import TENSOR_SPEC, decode_deq_scale
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -94,12 +94,8 @@ def _check_layout(folder: Path, st: SafetensorsFolder, types: dict[str, str], pr
     if dtype != "I8" or len(shape) != 2:
         raise _fail(st, f"{prefix}.weight", f"dtype {dtype} shape {shape}, expected I8 [n, k]")
     n = shape[0]
-    _expect_meta(st, f"{prefix}.weight_scale", PARAM_DTYPES, [n, 1])
-    _expect_meta(st, f"{prefix}.weight_offset", PARAM_DTYPES, [n, 1])
-    _expect_meta(st, f"{prefix}.input_scale", PARAM_DTYPES, [1])
-    _expect_meta(st, f"{prefix}.input_offset", PARAM_DTYPES, [1])
-    _expect_meta(st, f"{prefix}.deq_scale", ("F32", "I64"), [n])
-    _expect_meta(st, f"{prefix}.quant_bias", ("I32",), [n])
+    for suffix, (dtypes, shape) in TENSOR_SPEC.items():
+        _expect_meta(st, f"{prefix}.{suffix}", dtypes, shape(n))
     bias = f"{prefix}.bias"
     if bias in st:
         if types[bias] != FLOAT:

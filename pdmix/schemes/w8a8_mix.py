@@ -22,8 +22,7 @@ TENSORS = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offs
 # Legal safetensors dtypes and shapes for a weight [n, k] (SPEC §3): scales in the model dtype or fp32,
 # deq_scale fp32 or (fp16 models) int64 holding the fp32 bits.
 PARAM_DTYPES = ("BF16", "F16", "F32")
-TENSOR_SPEC = {
-    "weight": (("I8",), lambda n: None),  # [n, k]; k comes from the weight itself
+TENSOR_SPEC = {  # beside "weight": I8 [n, k]
     "weight_scale": (PARAM_DTYPES, lambda n: [n, 1]),
     "weight_offset": (PARAM_DTYPES, lambda n: [n, 1]),
     "input_scale": (PARAM_DTYPES, lambda n: [1]),
@@ -100,17 +99,14 @@ def params_from_tensors(t: dict[str, torch.Tensor], name: str = "",
     w = t["weight"]
     if w.dtype != torch.int8 or w.dim() != 2:
         raise PdmixError(f"{name}.weight: expected a 2-D int8 tensor, got {w.dtype} {list(w.shape)}")
-    p = W8A8Params(
-        weight=w.contiguous(),
-        weight_scale=t["weight_scale"].to(torch.float32).reshape(-1),
-        input_scale=t["input_scale"].to(torch.float32).reshape(()),
-        input_offset=t["input_offset"].to(torch.float32).reshape(()),
-        deq_scale=decode_deq_scale(t["deq_scale"]).reshape(-1),
-        quant_bias=t["quant_bias"].to(torch.int32).reshape(-1),
-        bias_float=bias_float if bias_float is not None else torch.empty(0))
+    input_offset = t["input_offset"].to(torch.float32).reshape(())
+    deq_scale = decode_deq_scale(t["deq_scale"]).reshape(-1)
+    quant_bias = t["quant_bias"].to(torch.int32).reshape(-1)
     if bias_float is None:
-        p.bias_float = recover_bias(p.deq_scale, p.quant_bias, p.input_offset, p.weight)
-    return p
+        bias_float = recover_bias(deq_scale, quant_bias, input_offset, w)
+    return W8A8Params(weight=w.contiguous(), weight_scale=t["weight_scale"].to(torch.float32).reshape(-1),
+                      input_scale=t["input_scale"].to(torch.float32).reshape(()), input_offset=input_offset,
+                      deq_scale=deq_scale, quant_bias=quant_bias, bias_float=bias_float)
 
 
 def static_weight_scale(p: W8A8Params) -> torch.Tensor:
@@ -147,16 +143,6 @@ def shard_column(t: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, 
     """A column-parallel rank's stored tensors (SPEC §8): per-channel tensors follow the weight's
     output rows; input_scale/input_offset are replicated."""
     return {s: _slice(v, 0, rank, size) if s in PER_CHANNEL else v for s, v in t.items()}
-
-
-def shard_row(t: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
-    """A row-parallel rank's stored tensors, as MindIE shards them (SPEC §8): the weight's input
-    columns; per-channel tensors replicated; quant_bias kept on rank 0 only (zero elsewhere), so an
-    all-reduce of the ranks' outputs counts it once.
-
-    pdmix's own runtime does not use this for its row-parallel layers: it all-reduces the exact int32
-    accumulator instead (bit-identical to one process) and keeps quant_bias whole on every rank."""
-    return dict(t, weight=_slice(t["weight"], 1, rank, size), quant_bias=row_quant_bias(t["quant_bias"], rank))
 
 
 def row_quant_bias(quant_bias: torch.Tensor, rank: int) -> torch.Tensor:

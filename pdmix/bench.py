@@ -235,7 +235,7 @@ PEAK_GEMM = 2048      # M = N = K of the GEMMs that measure compute peaks
 PEAK_COPY_BYTES = 1 << 28
 
 
-def machine_peaks(device: torch.device, dtype: torch.dtype, s: dict) -> dict:
+def machine_peaks(device: torch.device, dtype: torch.dtype) -> dict:
     """What this device reaches on work that is pure compute or pure memory traffic, for judging each
     linear's number against: bf16 and int8 GEMM throughput at a large square size, and copy bandwidth
     (bytes read + written) of a 256 MiB tensor."""
@@ -404,6 +404,7 @@ def prepare_models(args, dims: dict, s: dict, device: torch.device, tmp: Path) -
     from pdmix.synth import make_random_model
 
     if args.quant_path:
+        check_positions(Path(args.model_path), s)
         return Path(args.model_path), Path(args.quant_path), None
     check_disk(tmp, dims, args.model_path)
     if args.shape:
@@ -524,7 +525,6 @@ def alternate(runners: dict, repeats: int, key: str) -> dict:
 def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory(prefix="pdmix-bench-", dir=args.tmp_dir) as tmp:
         float_dir, quant_dir, quant_s = prepare_models(args, dims, s, device, Path(tmp))
-        check_positions(quant_dir, s)
         result = {"quantize_s": None if quant_s is None else sig(quant_s), "float_path": str(float_dir),
                   "pdmix_path": str(quant_dir)}
         reset_peak_memory(device)
@@ -658,7 +658,7 @@ def run(args) -> int:
         result["linear"], result["linear_skipped"] = bench_linears(dims, s, device, dtype, args.seed, backends)
         if args.peaks:
             log("measuring the machine's peaks (GEMM throughput, copy bandwidth)")
-            result["peaks"] = peaks = machine_peaks(device, dtype, s)
+            result["peaks"] = peaks = machine_peaks(device, dtype)
             for row in result["linear"]:
                 flop, k_n = 2 * row["m"] * row["n"] * row["k"], row["n"] * row["k"]
                 row["bf16"]["bound"] = bound(row["bf16"], flop, 2 * k_n, peaks, int8=False)

@@ -1,5 +1,6 @@
 """W8A8_MIX on NVIDIA GPUs: cuBLASLt's int8 GEMM (`torch._int_mm`) on the column-major view of the
-weight, with each path's quantization and epilogue fused by torch.compile into one kernel apiece.
+weight (the reference kernel's `weight_t`), with each path's quantization and epilogue fused by
+torch.compile into one kernel apiece.
 
 Untested on hardware in CI (no GPU there): its tests run where CUDA exists and skip elsewhere.
 """
@@ -9,7 +10,6 @@ import functools
 import torch
 
 from pdmix.kernels import reference
-from pdmix.schemes.w8a8_mix import W8A8Params
 
 
 @functools.cache
@@ -27,10 +27,6 @@ class CudaKernel(reference.ReferenceKernel):
         if row_parallel:
             return "row-parallel shards use the reference kernel (exact int32 all-reduce)"
         return None
-
-    def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
-        super().__init__(p, out_dtype, reduce, reduce_max)
-        self.weight_t = p.weight.t()  # column-major [k, n]: cuBLASLt's fast layout for the int8 GEMM
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
         p = self.params

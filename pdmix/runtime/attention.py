@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdmix.runtime.kv_cache import KVCache
+from pdmix.runtime.kv_cache import KVCache, blocks_needed, token_slots
 
 
 @dataclass
@@ -49,10 +49,6 @@ class StepMetadata:
     decode: DecodeGroup | None
 
 
-def seq_slots(s: SeqRows, block_size: int, total: int) -> list[int]:
-    return [s.block_table[p // block_size] * block_size + p % block_size for p in range(total)]
-
-
 def padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[n, longest] int64 (padded with the row's first value) and a bool validity mask (None if no padding)."""
     longest = max(len(r) for r in rows)
@@ -69,7 +65,7 @@ def prefill_group(chunks: list[SeqRows], block_size: int, device) -> PrefillGrou
     rows, valid = padded([list(range(c.start, c.start + c.length)) for c in chunks], device)
     if len(chunks) == 1 and chunks[0].context == 0:
         return PrefillGroup(rows, None, None, None)
-    kv_slots, kv_valid = padded([seq_slots(c, block_size, c.context + c.length) for c in chunks], device)
+    kv_slots, kv_valid = padded([token_slots(c.block_table, block_size, 0, c.context + c.length) for c in chunks], device)
     q_pos = torch.arange(rows.shape[1], device=device)[None, :] + torch.tensor([c.context for c in chunks], device=device)[:, None]
     mask = torch.arange(kv_slots.shape[1], device=device)[None, None, :] <= q_pos[:, :, None]  # [P, Q, L] causal
     if kv_valid is not None:
@@ -80,7 +76,7 @@ def prefill_group(chunks: list[SeqRows], block_size: int, device) -> PrefillGrou
 def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | None:
     if not seqs:
         return None
-    n_blocks = [-(-(s.context + 1) // block_size) for s in seqs]
+    n_blocks = [blocks_needed(s.context + 1, block_size) for s in seqs]
     tables, _ = padded([s.block_table[:n] for s, n in zip(seqs, n_blocks)], device)
     pos = torch.arange(tables.shape[1] * block_size, device=device)
     lengths = torch.tensor([s.context + 1 for s in seqs], device=device)

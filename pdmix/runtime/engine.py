@@ -14,7 +14,7 @@ from pdmix.models.linear import RowSplit
 from pdmix.models.model import CausalLM
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.attention import PagedAttention, SeqRows, StepMetadata, build_metadata
-from pdmix.runtime.kv_cache import KVCache, blocks_needed
+from pdmix.runtime.kv_cache import KVCache, blocks_needed, token_slots
 from pdmix.runtime.sampling import SamplingParams, sample, token_logprobs
 from pdmix.runtime.scheduler import Plan, Scheduler, Sequence
 from pdmix.runtime.tp import TP
@@ -59,11 +59,11 @@ class StepRows:
 
     def add(self, seq: Sequence, n: int, sample: bool) -> SeqRows:
         """Rows for seq's next n tokens; with sample, the last of them picks seq's next token."""
-        start, bs = seq.num_computed, self.block_size
+        start = seq.num_computed
         rows = SeqRows(len(self.ids), n, start, seq.block_table)
         self.ids += seq.tokens[start:start + n]
         self.positions += range(start, start + n)
-        self.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        self.slots += token_slots(seq.block_table, self.block_size, start, start + n)
         if sample:
             self.sample.append((len(self.ids) - 1, seq))
         return rows

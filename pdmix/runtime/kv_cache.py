@@ -72,3 +72,8 @@ class KVCache:
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def token_slots(block_table: list[int], block_size: int, start: int, stop: int) -> list[int]:
+    """Cache slots of a sequence's tokens [start, stop), through its block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, stop)]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
+from pdmix.models import arch
 from pdmix.paths import check_output_file, write_output_file
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
@@ -93,6 +94,8 @@ def add_arguments(p) -> None:
     p.add_argument("--kernels", type=name_list, default=None,
                    help="W8A8 kernel backends timed at linear level (default: all that run on the device)")
     p.add_argument("--kernel", default=None, help="force this kernel backend end to end (default: the device's first)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run both pdmix engines with their decoder stack compiled (float_compiled, pdmix_compiled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="JSON to stdout (the table goes to stderr)")
     p.add_argument("--output", default=None, help="write the JSON to this file")
@@ -273,10 +276,10 @@ def bound(row_path: dict, flop: int, weight_bytes: int, peaks: dict, int8: bool)
 # ---------------------------------------------------------------- (a) linear level
 
 def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
-    """(n, k) of the fused linears of one decoder layer."""
-    h, inter = dims["hidden_size"], dims["intermediate_size"]
-    q, kv = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
-    return {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * inter, h), "down_proj": (h, inter)}
+    """(n, k) of the fused linears of one decoder layer, by input group (qkv, o, gate_up, down)."""
+    d = arch.dims(dims["hidden_size"], dims["intermediate_size"], dims["num_heads"], dims["num_kv_heads"],
+                  dims["head_dim"])
+    return {g: arch.group_shape(d, g) for g in arch.GROUPS}
 
 
 def make_linear_pair(n: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -446,7 +449,7 @@ def tensor_bytes(model) -> int:
     return sum(storages.values()) + sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
 
 
-def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None) -> tuple:
+def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None, compile: bool = False) -> tuple:
     """(LLM, load facts): seconds, RSS added by loading beside the model's tensor bytes and its KV cache."""
     from pdmix.runtime.kv_cache import blocks_needed
     from pdmix.runtime.llm import LLM
@@ -459,11 +462,14 @@ def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None)
     rss, t = current_rss(), time.perf_counter()
     llm = LLM(folder, block_size=block, max_batch_size=max(s["batch_sizes"]),
               max_input_length=max(s["prompt_lens"] + [s["decode_prompt_len"]]),
-              max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device), kernel=kernel)
+              max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device), kernel=kernel,
+              compile=compile)
     facts = {"load_s": sig(time.perf_counter() - t), "load_rss_bytes": current_rss() - rss,
              "tensor_bytes": tensor_bytes(llm.model),
              "kv_cache_bytes": sum(c.numel() * c.element_size() for c in llm.engine.cache.k + llm.engine.cache.v)}
+    t = time.perf_counter()
     llm.warmup()
+    facts["warmup_s"] = sig(time.perf_counter() - t)  # with compile: tracing and compiling (or Inductor's cache)
     return llm, facts
 
 
@@ -517,9 +523,16 @@ def alternate(runners: dict, repeats: int, key: str) -> dict:
     point = {name: sorted(r, key=lambda x: x[key])[len(r) // 2] for name, r in runs.items()}
     for name in runners:
         if name != "float":
-            point[name]["speedup"] = sig(point[name]["tokens_per_s"] / point["float"]["tokens_per_s"])
-            point[name]["cpu_speedup"] = sig(point[name]["tokens_per_cpu_s"] / point["float"]["tokens_per_cpu_s"])
+            base = point[speedup_base(name)]
+            point[name]["speedup"] = sig(point[name]["tokens_per_s"] / base["tokens_per_s"])
+            point[name]["cpu_speedup"] = sig(point[name]["tokens_per_cpu_s"] / base["tokens_per_cpu_s"])
     return point
+
+
+def speedup_base(name: str) -> str:
+    """What an engine's speed-up is over: pdmix_compiled over float_compiled (int8's gain among compiled
+    engines), float_compiled and everything else over the eager float engine."""
+    return "float_compiled" if name == "pdmix_compiled" else "float"
 
 
 def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
@@ -529,9 +542,13 @@ def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
                   "pdmix_path": str(quant_dir)}
         reset_peak_memory(device)
         engines, result["engines"] = {}, {}
-        for name, folder in (("float", float_dir), ("pdmix", quant_dir)):
+        folders = [("float", float_dir, False), ("pdmix", quant_dir, False)]
+        if args.compile:
+            folders += [("float_compiled", float_dir, True), ("pdmix_compiled", quant_dir, True)]
+        for name, folder, compiled in folders:
             log(f"end to end: loading the {name} engine")
-            engines[name], result["engines"][name] = load_engine(folder, s, device, args.kernel if name == "pdmix" else None)
+            engines[name], result["engines"][name] = load_engine(
+                folder, s, device, None if name.startswith("float") else args.kernel, compiled)
         hf = load_hf(float_dir) if args.hf else None
         g = torch.Generator().manual_seed(args.seed)
         vocab = engines["float"].cfg.vocab_size
@@ -594,18 +611,22 @@ def linear_table(rows: list, skipped: list, backends: list[str]) -> list[str]:
 
 
 def e2e_table(e2e: dict, mem_kind: str) -> list[str]:
-    names = [n for n in ("float", "pdmix", "transformers") if any(n in p for p in e2e["prefill"] + e2e["decode"])]
+    names = [n for n in ("float", "pdmix", "float_compiled", "pdmix_compiled", "transformers")
+             if any(n in p for p in e2e["prefill"] + e2e["decode"])]
     lines = ["end to end (prompt rows W8A8 dynamic, decode rows static); tok/s and tokens per CPU-second; "
-             "x = pdmix over float", f"{'':<16}" + "".join(f"{n[:12] + ' tok/s':>19}{'/cpu-s':>9}" for n in names)
-             + f"{'x':>7}{'x cpu':>7}"]
+             "x = pdmix over float (then pdmix_compiled over float_compiled)",
+             f"{'':<16}" + "".join(f"{n[:12] + ' tok/s':>19}{'/cpu-s':>9}" for n in names)
+             + f"{'x':>7}{'x cpu':>7}" * (1 + ("pdmix_compiled" in names))]
     for part, key in (("prefill", "prompt_len"), ("decode", "batch_size")):
         for point in e2e[part]:
             label = f"{part} {'L' if part == 'prefill' else 'B'}={point[key]}"
             cells = "".join(f"{point[n]['tokens_per_s']:>19.1f}{point[n]['tokens_per_cpu_s']:>9.1f}" if n in point
                             else f"{'-':>19}{'-':>9}" for n in names)
-            lines.append(f"{label:<16}{cells}{point['pdmix']['speedup']:>6.2f}x{point['pdmix']['cpu_speedup']:>6.2f}x")
+            ratios = "".join(f"{point[n]['speedup']:>6.2f}x{point[n]['cpu_speedup']:>6.2f}x"
+                             for n in ("pdmix", "pdmix_compiled") if n in point)
+            lines.append(f"{label:<16}{cells}{ratios}")
     for name, eng in e2e["engines"].items():
-        lines.append(f"{name} engine: load {eng['load_s']:.1f} s, RSS +{eng['load_rss_bytes'] / 2**30:.2f} GiB for "
+        lines.append(f"{name} engine: load {eng['load_s']:.1f} s, warm-up {eng['warmup_s']:.1f} s, RSS +{eng['load_rss_bytes'] / 2**30:.2f} GiB for "
                      f"{eng['tensor_bytes'] / 2**30:.2f} GiB of tensors and a {eng['kv_cache_bytes'] / 2**30:.2f} GiB KV cache")
     lines.append(f"peak {mem_kind}: {e2e['peak_mem_bytes'] / 2**30:.2f} GiB")
     return lines

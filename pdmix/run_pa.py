@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
                    help="pdmix: dynamic for prompt rows, static for decode rows; or force one path")
     p.add_argument("--kernel", default=None,
                    help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoder stack for decode steps (bit-identical output; ~1 min on first start)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0)
@@ -151,7 +153,7 @@ def run(args) -> int:
               max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
               max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device,
-              kernel=args.kernel)
+              kernel=args.kernel, compile=args.compile)
     try:
         questions, prompts = build_prompts(args, llm)
         llm.warmup()

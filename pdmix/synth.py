@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pdmix.models.arch import BY_MODEL_TYPE
+
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),
@@ -52,7 +54,7 @@ def _config(arch: str, shape: dict, dtype: torch.dtype, vocab_size: int, tie: bo
         kw.pop("head_dim", None)  # Qwen2 derives it from hidden/heads
     cfg = cls(**kw, max_position_embeddings=4096, tie_word_embeddings=tie, rms_norm_eps=1e-6,
               bos_token_id=256, eos_token_id=258, pad_token_id=256)
-    cfg.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]]
+    cfg.architectures = [BY_MODEL_TYPE[arch].name]
     cfg.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     return cfg
 

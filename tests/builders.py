@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pdmix.format.names import FLOAT, INDEX_FILE, INPUT_GROUPS, QUANT_TYPE, linear_prefix
+from pdmix.format.names import FLOAT, INDEX_FILE, QUANT_TYPE
+from pdmix.models.arch import INPUT_GROUPS, linear_prefix
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.models.config import load_config
 

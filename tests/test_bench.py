@@ -51,7 +51,7 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
     assert all(x > 0 for x in positive_numbers({k: result[k] for k in ("dims", "settings", "linear", "e2e")}))
 
     assert {(r["layer"], r["m"]) for r in result["linear"]} == {
-        (layer, m) for layer in ("qkv", "o_proj", "gate_up", "down_proj") for m in (1, 16)}
+        (layer, m) for layer in ("qkv", "o", "gate_up", "down") for m in (1, 16)}
     assert result["linear_skipped"] == []
     qkv = next(r for r in result["linear"] if r["layer"] == "qkv")
     assert (qkv["n"], qkv["k"]) == ((4 + 2 * 2) * 16, 64)
@@ -99,8 +99,8 @@ def test_bench_linear_computes_what_bf16_computes(n, k):
 
 def test_linear_shapes_follow_the_model():
     dims = dict(hidden_size=5120, intermediate_size=17408, num_heads=40, num_kv_heads=8, head_dim=128)
-    assert bench.linear_shapes(dims) == {"qkv": (7168, 5120), "o_proj": (5120, 5120), "gate_up": (34816, 5120),
-                                         "down_proj": (5120, 17408)}
+    assert bench.linear_shapes(dims) == {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (34816, 5120),
+                                         "down": (5120, 17408)}
 
 
 @pytest.mark.parametrize("extra,message", [

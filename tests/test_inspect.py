@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from pdmix.errors import PdmixError
 from pdmix.format.description import read_description
 from pdmix.format.inspect import inspect_checkpoint
-from pdmix.format.names import (ATTN_LINEARS, DESCRIPTION_FILE, INDEX_FILE, INPUT_GROUPS, MLP_LINEARS,
-                                SHARD_TEMPLATE, WEIGHT_FILE, split_tensor_name)
+from pdmix.format.names import DESCRIPTION_FILE, INDEX_FILE, SHARD_TEMPLATE, WEIGHT_FILE, split_tensor_name
+from pdmix.models.arch import INPUT_GROUPS, LINEAR_NAMES
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
@@ -25,7 +25,7 @@ Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"
 O = "model.layers.0.self_attn.o_proj"
 UP = "model.layers.1.mlp.up_proj"
-LINEARS_PER_LAYER = len(ATTN_LINEARS) + len(MLP_LINEARS)
+LINEARS_PER_LAYER = len(LINEAR_NAMES)
 
 
 # ---------------------------------------------------------------- building checkpoints
@@ -47,7 +47,7 @@ def build_checkpoint(out: Path, arch: str = "qwen3", dtype=torch.bfloat16, part_
         for name in (n for n in fl.names() if fl.file_of(n) == f):
             prefix, suffix = split_tensor_name(name)
             base, _, leaf = prefix.rpartition(".")
-            if suffix != "weight" or leaf not in ATTN_LINEARS + MLP_LINEARS or prefix in rollback:
+            if suffix != "weight" or leaf not in LINEAR_NAMES or prefix in rollback:
                 tensors[name], types[name] = fl.get(name), "FLOAT"
                 continue
             group = next(gr for gr in INPUT_GROUPS if leaf in gr)

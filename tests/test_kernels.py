@@ -118,3 +118,16 @@ def test_compiled_fusions_are_bit_identical_to_eager():
                        reference.epilogue_dynamic(acc.to(torch.int32), s, w_scale, b, torch.bfloat16))
     assert torch.equal(onednn.fused(onednn.epilogue_static, acc, w_scale, torch.bfloat16),
                        onednn.epilogue_static(acc, w_scale, torch.bfloat16))
+
+
+@pytest.mark.parametrize("m,n_dynamic", [(1, 0), (9, 0), (37, 20), (64, 64)])
+def test_onednn_masked_rows_equal_split_rows(m, n_dynamic):
+    """apply_masked (the compiled graph's form: both quantizations, rows picked by a mask) computes
+    what apply computes with the row split as a count."""
+    if "onednn" not in FAST_CPU:
+        pytest.skip("no oneDNN int8 linear in this torch build")
+    p = layer(320, 128, seed=5)
+    x = activations(m, 128, seed=m)
+    k = kernels.build(p, torch.bfloat16, "onednn")
+    mask = (torch.arange(m) < n_dynamic)[:, None]
+    assert torch.equal(k.apply_masked(x, mask), k.apply(x, n_dynamic))

@@ -12,10 +12,11 @@ from pdmix.format.reader import SafetensorsFolder
 from pdmix.models.config import load_config
 from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
-from pdmix.quant.anti_outlier import GROUPS, ChannelStats, anti_outlier
+from pdmix.models.arch import GROUPS, SMOOTH_EDGES, smooth_consumers
+from pdmix.quant.anti_outlier import ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.observer import MinMaxObserver
-from pdmix.quant.smooth import EDGES, search_alpha, smoothing_scales
+from pdmix.quant.smooth import search_alpha, smoothing_scales
 
 ARCHS = ("llama", "qwen2", "qwen3")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -115,7 +116,9 @@ def apply(case, method, tensors=None, cfg=None):
 
 
 def test_edges_cover_the_groups():
-    assert {e.group: tuple(c.rpartition(".")[2] for c in e.consumers) for e in EDGES} == GROUPS
+    assert {e.group: smooth_consumers(e) for e in SMOOTH_EDGES} == {
+        "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+        "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
 
 
 @pytest.mark.parametrize("method", METHODS)

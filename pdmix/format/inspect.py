@@ -16,9 +16,9 @@ import torch
 from pdmix.errors import PdmixError
 from pdmix.jsonfile import read_json_object
 from pdmix.format.description import read_description
-from pdmix.format.names import (ATTN_LINEARS, DESCRIPTION_FILE, FLOAT, INDEX_FILE, INPUT_GROUPS, MLP_LINEARS,
-                                QUANT_SUFFIXES, QUANT_TYPE, WEIGHT_FILE)
+from pdmix.format.names import DESCRIPTION_FILE, FLOAT, INDEX_FILE, QUANT_SUFFIXES, QUANT_TYPE, WEIGHT_FILE
 from pdmix.format.reader import SafetensorsFolder
+from pdmix.models.arch import INPUT_GROUPS, LINEAR_NAMES
 from pdmix.schemes.w8a8_mix import TENSOR_SPEC, decode_deq_scale
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -209,7 +209,7 @@ def _by_type(prefixes: list[str]) -> dict[str, dict]:
         g["count"] += 1
         if m := LAYER_RE.search(p + "."):
             g["layers"].append(int(m.group(1)))
-    order = ATTN_LINEARS + MLP_LINEARS
+    order = LINEAR_NAMES
     leaves = sorted(groups, key=lambda leaf: (order.index(leaf) if leaf in order else len(order), leaf))
     return {leaf: {"count": groups[leaf]["count"], "layers": _layer_ranges(groups[leaf]["layers"])} for leaf in leaves}
 

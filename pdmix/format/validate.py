@@ -12,20 +12,14 @@ from pathlib import Path
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.inspect import check_finite, inspect_checkpoint, releasing
-from pdmix.format.names import ATTN_LINEARS, DESCRIPTION_FILE, INDEX_FILE, MLP_LINEARS, QUANT_TYPE, WEIGHT_FILE, linear_prefix
+from pdmix.format.names import DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, WEIGHT_FILE
+from pdmix.models.arch import LINEAR_NAMES, config_dims, linear_prefix, linear_shape
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.models.config import ModelConfig
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 FLOAT_ST_DTYPES = ("BF16", "F16", "F32")
 ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-def linear_shape(cfg: ModelConfig, name: str) -> list[int]:
-    """[out, in] of a decoder-layer linear ('q_proj', ...) from the config."""
-    q, kv, h, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
-    return list({"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                 "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}[name])
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[list[int], bool]]:
@@ -46,8 +40,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[list[int], bool]]:
         if cfg.qk_norm:
             norm(f"model.layers.{i}.self_attn.q_norm", cfg.head_dim)
             norm(f"model.layers.{i}.self_attn.k_norm", cfg.head_dim)
-        for n in ATTN_LINEARS + MLP_LINEARS:
-            shape = linear_shape(cfg, n)
+        for n in LINEAR_NAMES:
+            shape = list(linear_shape(config_dims(cfg), n))
             out[linear_prefix(i, n) + ".weight"] = (shape, True)
             out[linear_prefix(i, n) + ".bias"] = ([shape[0]], False)
     return out

@@ -13,11 +13,17 @@ Quantization and the epilogues are chains of elementwise ops; from COMPILE_MIN_E
 each runs as one torch.compile'd kernel (bit-identical to eager, 3-8x faster at prefill sizes; below
 that the compiled call's overhead outweighs the fusion). PDMIX_COMPILE=0 turns this off; a compiler
 failure falls back to eager once, with a warning.
+
+Inside a compiled decoder stack (`compile=True`), `apply_masked` is the layer's graph form: the GEMM is
+an opaque op (`pdmix::onednn_gemm`; Inductor cannot take the prepacked weight as a graph input) and
+quantization and epilogues are plain torch that Inductor fuses with the ops around them.
 """
 
 import functools
+import itertools
 import os
 import sys
+import weakref
 
 import torch
 
@@ -69,6 +75,22 @@ def fused(fn, *args):
     return fn(*args)
 
 
+_by_handle: "weakref.WeakValueDictionary[int, OneDNNKernel]" = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+@torch.library.custom_op("pdmix::onednn_gemm", mutates_args=())
+def onednn_gemm(x_u8: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The exact accumulators (x_u8 - 128) @ W^T as fp32 of the kernel registered under `handle`
+    (a tensor, not an int: an int would be baked into the graph and change Inductor's cache key)."""
+    return _by_handle[int(handle)].gemm(x_u8, None)
+
+
+@onednn_gemm.register_fake
+def _(x_u8, handle, out_features):
+    return x_u8.new_empty((x_u8.shape[0], out_features), dtype=torch.float32)
+
+
 class OneDNNKernel:
     name = "onednn"
 
@@ -91,6 +113,8 @@ class OneDNNKernel:
         self.input_scale, self.input_offset = p.input_scale.clone(), p.input_offset.clone()
         self.quant_bias = p.quant_bias.to(torch.float32)  # exact: |quant_bias| < 2^24
         self.deq_scale, self.weight_scale, self.bias_float = p.deq_scale, p.weight_scale, p.bias_float
+        self.handle = torch.tensor(next(_handles))
+        _by_handle[int(self.handle)] = self
 
     def gemm(self, x_u8: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """(x_u8 - 128) @ W^T (+ bias), exact integers as fp32."""
@@ -111,6 +135,16 @@ class OneDNNKernel:
         q, s = quantize_dynamic_u8(x[:n_dynamic])
         q = torch.cat([q, quantize_static_u8(x[n_dynamic:], self.input_scale, self.input_offset)])
         return self.gemm(q, None).to(torch.int32), s
+
+    def apply_masked(self, x: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
+        """apply() with the rows' paths as a bool [m, 1] tensor (True: dynamic), for a compiled graph,
+        which would bake a Python row count in. Every row is quantized both ways and one GEMM runs;
+        quant_bias is added in the epilogue (exact in fp32, as in the GEMM). Same bits as apply()."""
+        q_dyn, s = quantize_dynamic_u8(x)
+        q = torch.where(dynamic, q_dyn, quantize_static_u8(x, self.input_scale, self.input_offset))
+        acc = torch.ops.pdmix.onednn_gemm(q, self.handle, self.ones.shape[0])
+        y_dyn = reference.epilogue_dynamic(acc, s, self.weight_scale, self.bias_float, self.out_dtype)
+        return torch.where(dynamic, y_dyn, epilogue_static(acc + self.quant_bias, self.deq_scale, self.out_dtype))
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
         if x.shape[0] == 0:

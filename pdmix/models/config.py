@@ -8,13 +8,8 @@ import torch
 
 from pdmix.errors import PdmixError
 from pdmix.jsonfile import read_json_object
+from pdmix.models.arch import ARCHITECTURES, BY_MODEL_TYPE
 
-# architecture -> (q/k/v bias by design, q_norm/k_norm)
-SUPPORTED_ARCHS = {
-    "LlamaForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
-}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,8 +42,6 @@ class ModelConfig:
         return AutoConfig.from_pretrained(str(self.folder))
 
 
-# config.json's model_type -> architecture, for configs without "architectures"
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Upper bounds far above any real model: they stop a typo (1e8 layers) before memory is sized from it.
 MAX_DIM, MAX_LAYERS, MAX_HEADS, MAX_VOCAB, MAX_POSITIONS = 1 << 20, 1 << 12, 1 << 12, 1 << 24, 1 << 24
 
@@ -107,12 +100,13 @@ def _arch(raw: dict, path: Path) -> str:
         arch = archs[0]
     else:
         model_type = raw.get("model_type")
-        arch = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
-        if arch is None:
+        known = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+        if known is None:
             raise PdmixError(f"{path}: no \"architectures\" and model_type {model_type!r} is not one of "
-                             f"{', '.join(MODEL_TYPES)}")
-    if arch not in SUPPORTED_ARCHS:
-        raise PdmixError(f"{path}: architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+                             f"{', '.join(BY_MODEL_TYPE)}")
+        arch = known.name
+    if arch not in ARCHITECTURES:
+        raise PdmixError(f"{path}: architecture {arch} is not supported (supported: {', '.join(ARCHITECTURES)})")
     return arch
 
 
@@ -142,7 +136,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     if dtype_name not in DTYPES:
         raise PdmixError(f"{path}: dtype {dtype_name} is not supported (supported: bfloat16, float16)")
-    qkv_bias, qk_norm = SUPPORTED_ARCHS[arch]
+    qkv_bias, qk_norm = ARCHITECTURES[arch].qkv_bias, ARCHITECTURES[arch].qk_norm
     f = _Fields(raw, path)
     hidden = f.int("hidden_size", 1, MAX_DIM)
     heads = f.int("num_attention_heads", 1, MAX_HEADS)

@@ -15,6 +15,25 @@ from pdmix.models.config import ModelConfig
 from pdmix.models.linear import fuse_linears
 
 
+def inv_rms(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, fp32 [..., 1]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pdmix.inv_rms(x32, eps)
+    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.library.custom_op("pdmix::inv_rms", mutates_args=())
+def _inv_rms_op(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    """inv_rms as an opaque op in a compiled graph: Inductor sums in another order than eager torch,
+    and a 1-ulp difference in the mean flips bf16 roundings downstream (then int8 codes, then tokens)."""
+    return inv_rms(x32, eps)
+
+
+@_inv_rms_op.register_fake
+def _(x32, eps):
+    return x32.new_empty((*x32.shape[:-1], 1))
+
+
 class RMSNorm(nn.Module):
     """Hugging Face's RMSNorm, plus the optional bias that outlier suppression leaves (SPEC §6)."""
 
@@ -27,7 +46,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 * inv_rms(x32, self.eps)
         y = self.weight * x32.to(dtype)
         if self.bias is not None:
             y = (y.to(torch.float32) + self.bias).to(dtype)

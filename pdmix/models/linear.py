@@ -2,7 +2,8 @@
 
 A forward gets the rows of several sequences at once. `RowSplit` says which rows are prompt tokens
 (the first `n_prefill`, quantized dynamically per token) and which are decode tokens (the rest,
-quantized statically per tensor); `mode` forces one path for comparison.
+quantized statically per tensor); `mode` forces one path for comparison. Inside a compiled graph the
+split is a bool [T, 1] tensor instead (True: dynamic row), since a graph would bake a Python row count in.
 """
 
 from dataclasses import dataclass
@@ -26,6 +27,22 @@ class RowSplit:
     def dynamic_rows(self, total: int) -> int:
         return {"pdmix": self.n_prefill, "dynamic": total, "static": 0}[self.mode]
 
+    def dynamic_mask(self, total: int, device) -> torch.Tensor:
+        """bool [total, 1]: which rows take the dynamic path (the split's form inside a compiled graph)."""
+        return (torch.arange(total, device=device) < self.dynamic_rows(total))[:, None]
+
+
+@torch.library.custom_op("pdmix::linear", mutates_args=())
+def eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear as an opaque op in a compiled graph: Inductor would otherwise lower a small-M GEMM to
+    its own loops, whose different summation order changes output bits (and then greedy tokens)."""
+    return F.linear(x, weight, bias)
+
+
+@eager_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
 
 class FloatLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -38,8 +55,10 @@ class FloatLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: RowSplit | torch.Tensor | None = None) -> torch.Tensor:
         if self.reduce is None:
+            if torch.compiler.is_compiling():
+                return torch.ops.pdmix.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         # Row-parallel: sum fp32 partials, then round once, as a single process would.
         y = self.reduce(F.linear(x.float(), self.weight.float()))
@@ -82,12 +101,15 @@ class W8A8MixLinear(nn.Module):
         self.kernel = kernels.build(self.params, self.out_dtype, backend or self.backend, self.reduce, self.reduce_max)
         self.params = None
 
-    def forward(self, x: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: RowSplit | torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is None:
             self.prepare()
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        y = self.kernel.apply(x, x.shape[0] if split is None else split.dynamic_rows(x.shape[0]))
+        if isinstance(split, torch.Tensor):
+            y = self.kernel.apply_masked(x, split)
+        else:
+            y = self.kernel.apply(x, x.shape[0] if split is None else split.dynamic_rows(x.shape[0]))
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

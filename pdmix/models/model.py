@@ -13,6 +13,13 @@ from pdmix.models.layers import DecoderLayer, RMSNorm, Rotary
 from pdmix.models.linear import RowSplit
 
 
+def run_layers(layers, norm, x, cos, sin, attn, split):
+    """The decoder stack and the final norm (eager; the runtime may swap in a compiled form)."""
+    for layer in layers:
+        x = layer(x, cos, sin, attn, split)
+    return norm(x)
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
                  lm_head: torch.Tensor):
@@ -24,6 +31,7 @@ class CausalLM(nn.Module):
         # tied embeddings share one tensor
         self.lm_head = self.embed_tokens if lm_head is embed else nn.Parameter(lm_head, requires_grad=False)
         self.rotary = Rotary(cfg, embed.device)
+        self.decoder = run_layers
 
     def to(self, device):
         self.rotary.to(device)
@@ -34,9 +42,7 @@ class CausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden] (after the last norm)."""
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(positions)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn, split)
-        return self.norm(x)
+        return self.decoder(self.layers, self.norm, x, cos, sin, attn, split)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,6 @@ class ChannelStats:
         return cls(torch.full((k,), float("inf")), torch.full((k,), float("-inf")))
 
 
-# The input groups of a decoder layer: group name -> the linears that read that input.
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}
-
-
 def no_anti_outlier(cfg, layer_idx: int, tensors: dict[str, torch.Tensor], stats: dict[str, ChannelStats],
                     alpha: float) -> dict[str, torch.Tensor]:
     return tensors

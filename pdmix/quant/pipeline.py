@@ -25,20 +25,20 @@ from pdmix.format.validate import check_float_source, check_not_quantized
 from pdmix.paths import check_no_overlap
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
-from pdmix.format.names import FLOAT, INPUT_GROUPS, QUANT_TYPE, linear_prefix
+from pdmix.format.names import FLOAT, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
+from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES as LINEARS, linear_prefix
 from pdmix.models.config import ModelConfig, load_config
 from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
 from pdmix.quant import calib, rollback
-from pdmix.quant.anti_outlier import GROUPS, METHODS, ChannelStats, anti_outlier
+from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, make_observer
 from pdmix.tokenizer import load_tokenizer
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP_NAME = {g: name for name, g in GROUPS.items()}  # ("q_proj","k_proj","v_proj") -> "qkv"
 # Files of the source folder that describe weights; everything else (config, tokenizer, ...) is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -94,8 +94,7 @@ def observe_inputs(layer: DecoderLayer, on_input):
     handles = []
     for group in INPUT_GROUPS:
         first = group[0]
-        module = layer.self_attn if first in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-        lin = getattr(module, first)
+        lin = getattr(getattr(layer, BY_NAME[first].block), first)
         handles.append(lin.register_forward_pre_hook(lambda m, args, g=group: on_input(g, args[0])))
     return handles
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.format.names import INPUT_GROUPS, linear_prefix
+from pdmix.models.arch import INPUT_GROUPS, linear_prefix
 
 
 @dataclass

@@ -22,27 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pdmix.models.arch import SMOOTH_EDGES, smooth_consumers
 
 ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8
 MIN_SCALE, MAX_SCALE = 1e-4, 1e4  # keeps w / s and W * s finite in fp16
 EVAL_ROWS = 512  # output rows the alpha search measures error on
-
-
-@dataclass(frozen=True)
-class Edge:
-    group: str                 # the stats group (anti_outlier.GROUPS) whose input is smoothed
-    producer: str              # the tensor whose output channels are that input
-    consumers: tuple[str, ...]
-    shift: bool                # whether the producer can absorb a per-channel shift
-    heads: bool                # producer channels are v channels shared by grouped query heads
-
-
-EDGES = (
-    Edge("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True, False),
-    Edge("o", "self_attn.v_proj", ("self_attn.o_proj",), True, True),
-    Edge("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), True, False),
-    Edge("down", "mlp.up_proj", ("mlp.down_proj",), False, False),
-)
 
 
 class Channels:
@@ -159,16 +143,17 @@ def eval_rows(w: torch.Tensor, limit: int = EVAL_ROWS) -> torch.Tensor:
 def smooth_layer(cfg, layer_idx: int, tensors: dict, stats: dict, alpha: float, shift: bool, alphas) -> dict:
     p = f"model.layers.{layer_idx}."
     t = {k: v.float() for k, v in tensors.items()}
-    for e in EDGES:
+    for e in SMOOTH_EDGES:
         if e.group not in stats:
             continue
-        w = torch.cat([t[p + c + ".weight"] for c in e.consumers])
+        consumers = smooth_consumers(e)
+        w = torch.cat([t[p + c + ".weight"] for c in consumers])
         g = GroupInput(Channels(cfg, e.heads), w, eval_rows(w), shift and e.shift)
         mn, mx = (v.to(w.device, torch.float32) for v in (stats[e.group].min, stats[e.group].max))
         a = search_alpha(lambda a: proxy_error(g, mn, mx, a), alphas, alpha)
         z, s = g.plan(mn, mx, a)
         fold_into_producer(t, p + e.producer, z, s)
-        for c in e.consumers:
+        for c in consumers:
             fold_into_consumer(t, p + c, g.ch.expand(z), g.ch.expand(s))
     return cast_back(t, tensors)
 

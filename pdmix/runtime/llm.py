@@ -12,9 +12,11 @@ from pdmix.models.config import load_config
 from pdmix.params import whole
 from pdmix.models.linear import MODES
 from pdmix.runtime import tp as tpm
+from pdmix.runtime.compiled import compile_decoder
 from pdmix.runtime.engine import Engine, Stats
 from pdmix.runtime.kv_cache import KVCache, blocks_needed, cache_dtype
 from pdmix.runtime.loader import load_model
+from pdmix.runtime.memory import keep_freed_memory
 from pdmix.runtime.sampling import SamplingParams, make_generator
 from pdmix.tokenizer import load_tokenizer
 from pdmix.runtime.scheduler import Scheduler, Sequence
@@ -45,7 +47,8 @@ class LLM:
 
     def __init__(self, model_path, quant_mode: str = "pdmix", block_size: int = 128, max_batch_size: int = 8,
                  max_prefill_tokens: int | None = None, max_input_length: int = 1024, max_output_length: int = 512,
-                 num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None):
+                 num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None,
+                 compile: bool = False):
         if quant_mode not in MODES:
             raise PdmixError(f"quant_mode must be one of {', '.join(MODES)}, got {quant_mode!r}")
         whole("block_size", block_size, 1, 1 << 16)
@@ -68,6 +71,9 @@ class LLM:
         check_loadable(cfg)  # before joining the process group: every rank refuses a bad checkpoint alike
         self.tp, self.device = tpm.init(device)
         self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, check=False)
+        if compile:
+            compile_decoder(self.model, max_batch_size)
+        keep_freed_memory()
         self.max_input_length = max_input_length
         cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads // self.tp.size, cfg.head_dim,
                         cache_dtype(cfg.dtype, self.device), self.device)
@@ -124,12 +130,12 @@ class LLM:
         self.engine.run(seqs)
         return [self.output(prompt, seq) for prompt, seq in zip(prompts, seqs)]
 
-    def warmup(self, prompt_lens: tuple[int, ...] = (8, 64), decode_steps: int = 2) -> None:
+    def warmup(self, prompt_lens: tuple[int, ...] = (8, 64), decode_steps: int = 4) -> None:
         """Short prefills and a few decode steps, so one-time initialisation (kernel selection, the
-        compiled fusions that larger prefills use, first allocations) is not counted in the first
-        request's timings."""
-        for n in prompt_lens:
-            self.generate([[0] * min(n, self.max_input_length)], SamplingParams(max_tokens=decode_steps, ignore_eos=True))
+        compiled fusions that larger prefills use, the compiled decoder stack, which is built on a
+        decode step of two sequences, first allocations) is not counted in the first request's timings."""
+        self.generate([[0] * min(n, self.max_input_length) for n in prompt_lens],
+                      SamplingParams(max_tokens=decode_steps, ignore_eos=True))
         self.engine.stats = Stats()
 
     def check_prompt(self, ids: list[int], limit_length: bool = True) -> None:

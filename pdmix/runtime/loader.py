@@ -12,8 +12,8 @@ from torch import nn
 
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint, read_description
-from pdmix.format.names import (COLUMN_PARALLEL, DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE, ATTN_LINEARS,
-                                MLP_LINEARS, linear_prefix)
+from pdmix.format.names import DESCRIPTION_FILE, QUANT_SUFFIXES, QUANT_TYPE
+from pdmix.models.arch import BY_NAME, LINEAR_NAMES, config_dims, linear_prefix, linear_shape
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.validate import check_loadable
 from pdmix.models.config import ModelConfig
@@ -38,7 +38,7 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     get = tensor_getter(reader, cfg.dtype)
     layers = []
     for i in range(cfg.num_layers):
-        linears = {n: build_linear(cfg, get, reader, types, linear_prefix(i, n), tp) for n in ATTN_LINEARS + MLP_LINEARS}
+        linears = {n: build_linear(cfg, get, reader, types, linear_prefix(i, n), tp) for n in LINEAR_NAMES}
         norms = layer_norms(cfg, i, get, reader.__contains__)
         layer = DecoderLayer(cfg, i, linears, norms, tp.size).fuse().to(device)
         prepare_kernels(layer, kernel)  # layer by layer: prepacking copies a weight, so one layer's copy at a time
@@ -51,7 +51,7 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     reader.release()  # every tensor is a copy now: unmap the files, so their pages stop counting as ours
     if tp.is_main:
         n_quant = sum(types.get(linear_prefix(i, n) + ".weight") == QUANT_TYPE
-                      for i in range(cfg.num_layers) for n in ATTN_LINEARS + MLP_LINEARS)
+                      for i in range(cfg.num_layers) for n in LINEAR_NAMES)
         kind = f"W8A8_MIX, {n_quant} of {7 * cfg.num_layers} linears quantized" if quantized else "float"
         print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
               file=sys.stderr)
@@ -86,19 +86,14 @@ def check_description(folder, reader: SafetensorsFolder) -> dict[str, str]:
     return types
 
 
-def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
-    q, kv, h, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}[name]
-
-
 def build_linear(cfg: ModelConfig, get, reader: SafetensorsFolder, types: dict[str, str], prefix: str,
                  tp: TP) -> nn.Module:
     name = prefix.rpartition(".")[2]
     weight = get(prefix + ".weight")
-    if tuple(weight.shape) != expected_shape(cfg, name):
-        raise PdmixError(f"{prefix}.weight: shape {list(weight.shape)}, expected {list(expected_shape(cfg, name))} from config.json")
-    column = name in COLUMN_PARALLEL
+    expected = linear_shape(config_dims(cfg), name)
+    if tuple(weight.shape) != expected:
+        raise PdmixError(f"{prefix}.weight: shape {list(weight.shape)}, expected {list(expected)} from config.json")
+    column = BY_NAME[name].parallel == "column"
     if types.get(prefix + ".weight") == QUANT_TYPE:
         t = {s: get(f"{prefix}.{s}") for s in QUANT_SUFFIXES[1:]}
         return w8a8_linear(cfg, dict(t, weight=weight), prefix, column, tp)

@@ -38,6 +38,8 @@ def add_arguments(p) -> None:
     flag(p, "quant_mode", default="pdmix", choices=("pdmix", "dynamic", "static"))
     flag(p, "device", default="auto", choices=("cpu", "cuda", "auto"))
     flag(p, "kernel", default=None, help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    flag(p, "compile", action="store_true",
+         help="compile the decoder stack for decode steps (bit-identical output; ~1 min on first start)")
     flag(p, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     flag(p, "shutdown_timeout", type=float, default=5.0,
          help="on SIGTERM, seconds running requests may take to finish before they are aborted")
@@ -72,7 +74,7 @@ def run(args) -> int:
     llm = LLM(args.model, quant_mode=args.quant_mode, block_size=args.block_size, max_batch_size=args.max_batch_size,
               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
               max_input_length=args.max_input_length, max_output_length=args.max_output_length,
-              num_blocks=args.num_blocks, device=args.device, kernel=args.kernel)
+              num_blocks=args.num_blocks, device=args.device, kernel=args.kernel, compile=args.compile)
     try:
         group = dist.new_group(backend="gloo") if llm.tp.size > 1 else None
         llm.warmup()

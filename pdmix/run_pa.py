@@ -165,15 +165,16 @@ def run(args) -> int:
                 print(f"Answer[{i}]: {o.text if o.text is not None else o.token_ids}")
                 if args.print_ids:
                     print(f"Generate[{i}] token ids: {o.token_ids}")
-            print(summary(llm.stats, len(outputs), llm.tp.size, llm.kernel_names), flush=True)
+            print(summary(llm.stats, len(outputs), llm.tp.size, llm.kernel_names, args.compile), flush=True)
     finally:
         tp.shutdown()
     return 0
 
 
-def summary(s, n: int, tp_size: int, kernel_names: list[str]) -> str:
+def summary(s, n: int, tp_size: int, kernel_names: list[str], compiled: bool = False) -> str:
     rate = lambda tokens, sec: tokens / sec if sec > 0 else 0.0
     kernels = f", kernels {'+'.join(kernel_names)}" if kernel_names else ""
+    kernels += ", compiled decode" if compiled else ""
     return (f"pdmix run: {n} prompt(s), tp {tp_size}{kernels}: prefill {s.prefill_tokens} tokens in {s.prefill_s:.3f} s "
             f"({rate(s.prefill_tokens, s.prefill_s):.1f} tokens/s), decode {s.decode_tokens} tokens in "
             f"{s.decode_s:.3f} s ({rate(s.decode_tokens, s.decode_s):.1f} tokens/s)")

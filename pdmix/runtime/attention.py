@@ -111,17 +111,17 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
     its block table in one batched computation.
 
     Written out rather than CPU SDPA (several times slower for one query row), in fp32 as SDPA
-    accumulates. Padding past a sequence's end is masked to -inf, so it adds exact zeros after the
-    sequence's own terms, and the key operand is contiguous along tokens whatever the batch: a
-    sequence's output is the same alone or in a batch (tested bit for bit)."""
+    accumulates. Scores come block by block (one GEMM shape whatever the batch); padding past a
+    sequence's end is masked to -inf, so it adds exact zeros after the sequence's own terms in the
+    value GEMM: a sequence's output is the same alone or in a batch (tested bit for bit)."""
     b, h, d = q.shape
     if g.first_block is None:
-        k, v = cache.blocks(layer, g.block_tables)                         # [B, KV, D, L], [B, L, KV, D]
+        k, v = cache.blocks(layer, g.block_tables)                         # [B, nb, KV, D, block], [B, L, KV, D]
     else:
         k, v = cache.block_range(layer, g.first_block, g.block_tables.shape[1])
-    kv = k.shape[1]
-    scores = torch.matmul(q.float().view(b, kv, h // kv, d), k.float())    # [B, KV, G, L]
-    scores = scores.mul_(d ** -0.5)
+    kv = k.shape[2]
+    scores = torch.matmul(q.float().view(b, 1, kv, h // kv, d), k.float())  # [B, nb, KV, G, block]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kv, h // kv, -1).mul_(d ** -0.5)  # [B, KV, G, L]
     # exp of scores far below the max underflows to fp32 subnormals, which x86 computes with ~100x
     # slower microcode in the matmul that follows; e^-80 is already below any sum's resolution, so
     # the clamp changes no output bit, and the -inf mask (added after it) still gives exact zeros

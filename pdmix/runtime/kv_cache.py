@@ -31,10 +31,12 @@ def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class KVCache:
-    """Per layer, keys stored transposed as [kv_heads, head_dim, slots] and values as [slots, kv_heads,
-    head_dim], slot = block * block_size + offset. Keys transposed so that gathering a sequence's
-    blocks yields the [head_dim, tokens] matrix that decode attention multiplies by, contiguous in the
-    token dimension: the same GEMM alone or in a batch (a strided operand broke batch invariance)."""
+    """Per layer, keys stored block by block as [num_blocks, kv_heads, head_dim, block_size] (each
+    block's keys transposed) and values as [slots, kv_heads, head_dim], slot = block * block_size +
+    offset. Gathering a batch's key blocks gives [B, n_blocks, kv_heads, head_dim, block_size]: the
+    batch, block and head dimensions collapse into one GEMM batch with no re-layout (a [kv_heads,
+    head_dim, slots] layout needed a 17 MB transposing copy per layer at batch 16), and each block's
+    GEMM has the same shape alone or in a batch, so a sequence's scores do not depend on the batch."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -42,32 +44,39 @@ class KVCache:
         slots = num_blocks * block_size
         # zeros, not empty: decode attention reads whole blocks and masks the unwritten tail, which must
         # hold finite values (0 * NaN would leak into the output)
-        self.k = [torch.zeros((kv_heads, head_dim, slots), dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros((num_blocks, kv_heads, head_dim, block_size), dtype=dtype, device=device)
+                  for _ in range(num_layers)]
         self.v = [torch.zeros((slots, kv_heads, head_dim), dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
+        self._split = (None, None)  # (slot tensor, its (blocks, offsets)): computed once per step, not per layer
+
+    def block_and_offset(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._split[0] is not slots:
+            self._split = (slots, (torch.div(slots, self.block_size, rounding_mode="floor"), slots % self.block_size))
+        return self._split[1]
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the k/v rows [T, kv_heads, head_dim] of a step at their slots."""
-        self.k[layer].index_copy_(2, slot_mapping, k.permute(1, 2, 0).to(self.k[layer].dtype))
+        block, offset = self.block_and_offset(slot_mapping)
+        self.k[layer][block, :, :, offset] = k.to(self.k[layer].dtype)
         self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))
 
     def blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole blocks of each sequence, block_tables [B, nb] -> keys [B, KV, D, nb * block] (a strided
-        view, contiguous along tokens) and values [B, nb * block, KV, D]."""
-        kv, d, _ = self.k[layer].shape
-        k = self.k[layer].view(kv, d, -1, self.block_size)[:, :, block_tables]   # [KV, D, B, nb, block]
+        """Whole blocks of each sequence, block_tables [B, nb] -> keys [B, nb, KV, D, block] and values
+        [B, nb * block, KV, D]."""
+        _, kv, d = self.v[layer].shape
         v = self.v[layer].view(-1, self.block_size, kv, d)[block_tables]          # [B, nb, block, KV, D]
-        b = block_tables.shape[0]
-        return k.view(kv, d, b, -1).permute(2, 0, 1, 3), v.view(b, -1, kv, d)
+        return self.k[layer][block_tables], v.view(block_tables.shape[0], -1, kv, d)
 
     def block_range(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """As blocks() for one sequence on blocks first .. first + n - 1: views, no copy."""
         start, stop = first * self.block_size, (first + n) * self.block_size
-        return self.k[layer][None, :, :, start:stop], self.v[layer][None, start:stop]
+        return self.k[layer][None, first:first + n], self.v[layer][None, start:stop]
 
     def tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots [P, L], both as [P, KV, L, D]."""
-        return self.k[layer][:, :, slots].permute(2, 0, 3, 1), self.v[layer][slots].transpose(1, 2)
+        block, offset = torch.div(slots, self.block_size, rounding_mode="floor"), slots % self.block_size
+        return self.k[layer][block, :, :, offset].transpose(1, 2), self.v[layer][slots].transpose(1, 2)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -5,7 +5,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from pdmix.errors import PdmixError
-from pdmix.runtime.kv_cache import BlockAllocator, KVCache
+from pdmix.runtime.kv_cache import BlockAllocator, KVCache, Slots
 from pdmix.runtime.sampling import SamplingParams, filter_top_k_top_p, make_generator, sample_one
 from pdmix.runtime.scheduler import Scheduler, Sequence
 
@@ -78,7 +78,7 @@ def test_cache_write_puts_rows_at_their_slots():
     cache = KVCache(num_layers=1, num_blocks=3, block_size=4, kv_heads=2, head_dim=3, dtype=torch.float32,
                     device=torch.device("cpu"))
     k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
-    cache.write(0, torch.tensor([9, 2, 4]), k, v)  # block 2 row 1, block 0 row 2, block 1 row 0
+    cache.write(0, Slots.of(torch.tensor([9, 2, 4]), 4), k, v)  # block 2 row 1, block 0 row 2, block 1 row 0
     # keys per block, transposed [num_blocks, kv_heads, head_dim, block_size]; values [slots, kv_heads, head_dim]
     assert torch.equal(cache.k[0][2, :, :, 1], k[0]) and torch.equal(cache.k[0][0, :, :, 2], k[1])
     assert torch.equal(cache.k[0][1, :, :, 0], k[2])
@@ -87,7 +87,7 @@ def test_cache_write_puts_rows_at_their_slots():
     keys, values = cache.blocks(0, torch.tensor([[2, 0]]))  # one sequence over blocks 2 then 0
     assert torch.equal(keys[0, 0, :, :, 1], k[0]) and torch.equal(keys[0, 1, :, :, 2], k[1])
     assert torch.equal(values[0, 1], v[0]) and keys.shape == (1, 2, 2, 3, 4) and values.shape == (1, 8, 2, 3)
-    tk, tv = cache.tokens(0, torch.tensor([[9, 2, 4]]))  # [P, KV, L, D]
+    tk, tv = cache.tokens(0, Slots.of(torch.tensor([[9, 2, 4]]), 4))  # [P, KV, L, D]
     assert torch.equal(tk[0].transpose(0, 1), k) and torch.equal(tv[0].transpose(0, 1), v)
 
 

@@ -25,7 +25,7 @@ ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[list[int], bool]]:
     """name -> (shape, required) of every tensor a model of this config may hold (biases are optional:
     sources have them by design, outlier suppression adds them, SPEC §6)."""
-    h, out = cfg.hidden_size, {}
+    h, out, dims = cfg.hidden_size, {}, config_dims(cfg)
 
     def norm(name, size):
         out[name + ".weight"] = ([size], True)
@@ -41,7 +41,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[list[int], bool]]:
             norm(f"model.layers.{i}.self_attn.q_norm", cfg.head_dim)
             norm(f"model.layers.{i}.self_attn.k_norm", cfg.head_dim)
         for n in LINEAR_NAMES:
-            shape = list(linear_shape(config_dims(cfg), n))
+            shape = list(linear_shape(dims, n))
             out[linear_prefix(i, n) + ".weight"] = (shape, True)
             out[linear_prefix(i, n) + ".bias"] = ([shape[0]], False)
     return out

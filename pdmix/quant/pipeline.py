@@ -28,7 +28,7 @@ from pdmix.errors import PdmixError
 from pdmix.format.names import FLOAT, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
-from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES as LINEARS, linear_prefix
+from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, linear_prefix
 from pdmix.models.config import ModelConfig, load_config
 from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
@@ -61,7 +61,7 @@ class Log:
 
 def layer_names(cfg: ModelConfig, i: int) -> list[str]:
     names = [f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")]
-    names += [linear_prefix(i, n) + ".weight" for n in LINEARS]
+    names += [linear_prefix(i, n) + ".weight" for n in LINEAR_NAMES]
     if cfg.qk_norm:
         names += [f"model.layers.{i}.self_attn.{n}.weight" for n in ("q_norm", "k_norm")]
     return names
@@ -78,7 +78,7 @@ def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized:
                 device=None) -> DecoderLayer:
     """A decoder layer from float tensors; linears named in `quantized` become W8A8_MIX."""
     linears = {}
-    for n in LINEARS:
+    for n in LINEAR_NAMES:
         p = linear_prefix(i, n)
         if quantized and p in quantized:
             linears[n] = W8A8MixLinear.from_tensors({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p,
@@ -249,7 +249,7 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                     if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
                         out[p + ".bias"] = b
             for name, v in t.items():
-                if name.rpartition(".")[0].rpartition(".")[2] not in LINEARS:
+                if name.rpartition(".")[0].rpartition(".")[2] not in LINEAR_NAMES:
                     out[name] = v  # norms, their SPEC §6 biases
             types.update({k: FLOAT for k in out if k not in types})
             if writer is not None:
@@ -380,7 +380,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
             shutil.rmtree(spill)
         copy_side_files(model_path, out)
         check_output(out, save_path)
-    n_quant = cfg.num_layers * len(LINEARS) - len(float_linears)
+    n_quant = cfg.num_layers * len(LINEAR_NAMES) - len(float_linears)
     log(f"wrote {save_path}: {n_quant} linears W8A8_MIX, {len(float_linears)} float, {len(files)} file(s) "
         f"in {time.time() - t0:.1f}s")
     return Path(save_path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdmix.runtime.kv_cache import KVCache, blocks_needed, token_slots
+from pdmix.runtime.kv_cache import KVCache, Slots, blocks_needed, token_slots
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PrefillGroup:
     attention runs on the step's own k/v (`kv_slots` is None)."""
     rows: torch.Tensor            # int64 [P, Q]: step row of each chunk's i-th query (padded)
     valid: torch.Tensor | None    # bool [P, Q]: real queries (None: no padding)
-    kv_slots: torch.Tensor | None  # int64 [P, L]: cache slots of context + chunk (padded)
+    kv_slots: Slots | None        # [P, L]: cache slots of context + chunk (padded)
     mask: torch.Tensor | None     # bool [P, 1, Q, L]: causal over context + chunk
 
 
@@ -43,7 +43,7 @@ class DecodeGroup:
 
 @dataclass
 class StepMetadata:
-    slot_mapping: torch.Tensor    # int64 [T]: flat cache slot of every row
+    slot_mapping: Slots           # [T]: cache slot of every row
     n_prefill: int                # rows [0, n_prefill) are prompt rows
     prefill: PrefillGroup | None
     decode: DecodeGroup | None
@@ -70,7 +70,7 @@ def prefill_group(chunks: list[SeqRows], block_size: int, device) -> PrefillGrou
     mask = torch.arange(kv_slots.shape[1], device=device)[None, None, :] <= q_pos[:, :, None]  # [P, Q, L] causal
     if kv_valid is not None:
         mask &= kv_valid[:, None, :]
-    return PrefillGroup(rows, valid, kv_slots, mask[:, None])
+    return PrefillGroup(rows, valid, Slots.of(kv_slots, block_size), mask[:, None])
 
 
 def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | None:
@@ -89,7 +89,7 @@ def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | 
 
 def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: list[SeqRows], block_size: int,
                    device) -> StepMetadata:
-    return StepMetadata(slot_mapping, sum(c.length for c in prefill), prefill_group(prefill, block_size, device),
+    return StepMetadata(Slots.of(slot_mapping, block_size), sum(c.length for c in prefill), prefill_group(prefill, block_size, device),
                         decode_group(decode, block_size, device))
 
 

@@ -1,5 +1,7 @@
 """The paged KV cache: fixed-size blocks handed out by an allocator; no per-sequence buffers."""
 
+from dataclasses import dataclass
+
 import torch
 
 from pdmix.errors import PdmixError
@@ -48,18 +50,11 @@ class KVCache:
                   for _ in range(num_layers)]
         self.v = [torch.zeros((slots, kv_heads, head_dim), dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
-        self._split = (None, None)  # (slot tensor, its (blocks, offsets)): computed once per step, not per layer
 
-    def block_and_offset(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._split[0] is not slots:
-            self._split = (slots, (torch.div(slots, self.block_size, rounding_mode="floor"), slots % self.block_size))
-        return self._split[1]
-
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the k/v rows [T, kv_heads, head_dim] of a step at their slots."""
-        block, offset = self.block_and_offset(slot_mapping)
-        self.k[layer][block, :, :, offset] = k.to(self.k[layer].dtype)
-        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))
+    def write(self, layer: int, slots: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the k/v rows [T, kv_heads, head_dim] of a step at their slots [T]."""
+        self.k[layer][slots.block, :, :, slots.offset] = k.to(self.k[layer].dtype)
+        self.v[layer].index_copy_(0, slots.flat, v.to(self.v[layer].dtype))
 
     def blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole blocks of each sequence, block_tables [B, nb] -> keys [B, nb, KV, D, block] and values
@@ -73,10 +68,23 @@ class KVCache:
         start, stop = first * self.block_size, (first + n) * self.block_size
         return self.k[layer][None, first:first + n], self.v[layer][None, start:stop]
 
-    def tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, layer: int, slots: "Slots") -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots [P, L], both as [P, KV, L, D]."""
-        block, offset = torch.div(slots, self.block_size, rounding_mode="floor"), slots % self.block_size
-        return self.k[layer][block, :, :, offset].transpose(1, 2), self.v[layer][slots].transpose(1, 2)
+        return (self.k[layer][slots.block, :, :, slots.offset].transpose(1, 2),
+                self.v[layer][slots.flat].transpose(1, 2))
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Cache slots (any shape) with their blocks and offsets, computed once per step rather than per
+    layer: keys are stored by block and offset, values by flat slot."""
+    flat: torch.Tensor
+    block: torch.Tensor
+    offset: torch.Tensor
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, block_size: int) -> "Slots":
+        return cls(flat, torch.div(flat, block_size, rounding_mode="floor"), flat % block_size)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pdmix import kernels
 from pdmix.errors import PdmixError
 from pdmix.models import arch
-from pdmix.paths import check_output_file, write_output_file
+from pdmix.paths import check_output_file, write_results
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
 from pdmix.synth import SHAPES
@@ -691,11 +691,7 @@ def run(args) -> int:
     result["load_avg_end"] = load_average()
     text = json.dumps(result, indent=2)
     if args.output:
-        try:
-            write_output_file(args.output, text + "\n")
-        except PdmixError:
-            print(text)  # the results are not lost to a disk that filled during the run
-            raise
+        write_results(args.output, text + "\n")
     table = format_table(result)
     if args.json:
         print(text)

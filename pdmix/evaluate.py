@@ -21,7 +21,7 @@ import torch
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint
 from pdmix.params import number, whole
-from pdmix.paths import check_output_file, write_output_file
+from pdmix.paths import check_output_file, write_results
 
 MODES = ("dynamic", "static", "pdmix")
 CHAT_PROMPTS = (
@@ -175,11 +175,7 @@ def run(args) -> int:
                    args.device, quiet=args.json)
     text = json.dumps(res, indent=2)
     if args.output:
-        try:
-            write_output_file(args.output, text + "\n")
-        except PdmixError:
-            print(text)  # the results are not lost to a disk that filled during the run
-            raise
+        write_results(args.output, text + "\n")
     if args.json:
         print(text)
     else:

@@ -124,3 +124,13 @@ def write_output_file(path, text: str, flag: str = "--output") -> None:
             tmp.replace(p)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_results(path, text: str) -> None:
+    """A run's results to --output; if that fails (a disk that filled during a long run), they go to
+    stdout before the error, so they are not lost."""
+    try:
+        write_output_file(path, text)
+    except PdmixError:
+        print(text)
+        raise

@@ -626,7 +626,7 @@ def e2e_table(e2e: dict, mem_kind: str) -> list[str]:
                              for n in ("pdmix", "pdmix_compiled") if n in point)
             lines.append(f"{label:<16}{cells}{ratios}")
     for name, eng in e2e["engines"].items():
-        lines.append(f"{name} engine: load {eng['load_s']:.1f} s, warm-up {eng['warmup_s']:.1f} s, RSS +{eng['load_rss_bytes'] / 2**30:.2f} GiB for "
+        lines.append(f"{name} engine: load {eng['load_s']:.1f} s, warm-up {eng['warmup_s']:.1f} s, RSS {eng['load_rss_bytes'] / 2**30:+.2f} GiB for "
                      f"{eng['tensor_bytes'] / 2**30:.2f} GiB of tensors and a {eng['kv_cache_bytes'] / 2**30:.2f} GiB KV cache")
     lines.append(f"peak {mem_kind}: {e2e['peak_mem_bytes'] / 2**30:.2f} GiB")
     return lines

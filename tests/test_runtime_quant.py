@@ -87,6 +87,26 @@ def test_mixed_batch_gives_each_sequence_its_solo_output(checkpoints):
         assert torch.equal(torch.stack(seq.logits), logits)
 
 
+def test_prompts_of_different_lengths_prefilled_together_give_their_solo_output(checkpoints):
+    """Each prompt's attention is computed alone: padded into one masked SDPA call with a longer
+    prompt, a short one came out differently (SDPA tiles by length)."""
+    llm = LLM(checkpoints("qwen3"), block_size=8, max_batch_size=3, max_prefill_tokens=128)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, return_logits=True)
+    prompts = [PROMPT[:13], list(range(30, 70)), PROMPT[2:7]]
+    solo = [generate_one(llm, p, params) for p in prompts]
+    engine = llm.engine
+    seqs = [Sequence(p, params) for p in prompts]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    engine.step()
+    assert all(len(seq.output_ids) == 1 for seq in seqs)  # all three prefilled in one step
+    while engine.scheduler.has_work():
+        engine.step()
+    for seq, (tokens, logits) in zip(seqs, solo):
+        assert seq.output_ids == tokens
+        assert torch.equal(torch.stack(seq.logits), logits)
+
+
 def generate_one(llm, prompt, params):
     out = llm.generate([prompt], params)[0].outputs[0]
     return out.token_ids, out.logits

@@ -23,8 +23,9 @@ from servers import serve
 
 KEY = "sk-test-key"
 # No --max_prefill_tokens: a prompt prefilled in small chunks (as a shared per-step budget makes them)
-# can come out differently than in one piece (engine issue; see the serving notes), and every answer
-# here must equal the same request run alone.
+# can come out differently than in one piece (a later chunk's attention is another SDPA call over
+# cached context, and float GEMMs round by row count), and every answer here must equal the same
+# request run alone.
 FLAGS = ("--block_size", 4, "--num_blocks", 96, "--max_batch_size", 8, "--max_input_length", 64,
          "--max_output_length", 192)
 

@@ -1,11 +1,12 @@
-"""Attention over the paged KV cache for all rows of one step: one call per layer for the prefill
-chunks and one for the decode rows (prefill rows first, then decode rows).
+"""Attention over the paged KV cache for all rows of one step: per layer, one call for each prefill
+chunk and one for all decode rows (prefill rows first, then decode rows).
 
 `StepMetadata` is built once per step from the sequences' block tables and reused by every layer:
-flat cache slots of each row, and for each group (prefill chunks, decode rows) the cache slots its
-keys are read from, padded to the group's longest sequence, with the mask of what each query sees.
+flat cache slots of each row; for each prefill chunk the cache slots of its context and the mask of
+what each query sees; for the decode rows their block tables, padded to the longest, and a mask.
 Every layer writes the step's new k/v at the rows' slots, then reads keys and values through those
-slots. Each row attends only to its own sequence, so its output does not depend on the batch.
+slots. Each row attends only to its own sequence, so its output does not depend on the batch
+(attention's own part of that: float GEMMs elsewhere can round differently at another batch size).
 """
 
 from dataclasses import dataclass
@@ -25,13 +26,13 @@ class SeqRows:
 
 
 @dataclass
-class PrefillGroup:
-    """Prompt chunks. With a single chunk and no cached context (a whole prompt, the common case)
-    attention runs on the step's own k/v (`kv_slots` is None)."""
-    rows: torch.Tensor            # int64 [P, Q]: step row of each chunk's i-th query (padded)
-    valid: torch.Tensor | None    # bool [P, Q]: real queries (None: no padding)
-    kv_slots: Slots | None        # [P, L]: cache slots of context + chunk (padded)
-    mask: torch.Tensor | None     # bool [P, 1, Q, L]: causal over context + chunk
+class PrefillChunk:
+    """One prompt chunk, its attention computed alone (so the same in any batch). A whole prompt (no
+    cached context, the common case) attends causally over the step's own k/v (`kv_slots` None)."""
+    start: int                    # first row of the chunk in the step
+    length: int
+    kv_slots: Slots | None        # [1, L]: cache slots of context + chunk
+    mask: torch.Tensor | None     # bool [1, 1, length, L]: causal over context + chunk
 
 
 @dataclass
@@ -45,39 +46,30 @@ class DecodeGroup:
 class StepMetadata:
     slot_mapping: Slots           # [T]: cache slot of every row
     n_prefill: int                # rows [0, n_prefill) are prompt rows
-    prefill: PrefillGroup | None
+    prefill: list[PrefillChunk]
     decode: DecodeGroup | None
 
 
-def padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[n, longest] int64 (padded with the row's first value) and a bool validity mask (None if no padding)."""
+def padded(rows: list[list[int]], device) -> torch.Tensor:
+    """[n, longest] int64, each row padded with its first value."""
     longest = max(len(r) for r in rows)
-    if all(len(r) == longest for r in rows):
-        return torch.tensor(rows, dtype=torch.long, device=device), None
-    out = torch.tensor([r + [r[0]] * (longest - len(r)) for r in rows], dtype=torch.long, device=device)
-    valid = torch.arange(longest, device=device)[None, :] < torch.tensor([len(r) for r in rows], device=device)[:, None]
-    return out, valid
+    return torch.tensor([r + [r[0]] * (longest - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-def prefill_group(chunks: list[SeqRows], block_size: int, device) -> PrefillGroup | None:
-    if not chunks:
-        return None
-    rows, valid = padded([list(range(c.start, c.start + c.length)) for c in chunks], device)
-    if len(chunks) == 1 and chunks[0].context == 0:
-        return PrefillGroup(rows, None, None, None)
-    kv_slots, kv_valid = padded([token_slots(c.block_table, block_size, 0, c.context + c.length) for c in chunks], device)
-    q_pos = torch.arange(rows.shape[1], device=device)[None, :] + torch.tensor([c.context for c in chunks], device=device)[:, None]
-    mask = torch.arange(kv_slots.shape[1], device=device)[None, None, :] <= q_pos[:, :, None]  # [P, Q, L] causal
-    if kv_valid is not None:
-        mask &= kv_valid[:, None, :]
-    return PrefillGroup(rows, valid, Slots.of(kv_slots, block_size), mask[:, None])
+def prefill_chunk(c: SeqRows, block_size: int, device) -> PrefillChunk:
+    if c.context == 0:
+        return PrefillChunk(c.start, c.length, None, None)
+    slots = torch.tensor([token_slots(c.block_table, block_size, 0, c.context + c.length)], device=device)
+    q_pos = torch.arange(c.length, device=device) + c.context
+    mask = torch.arange(slots.shape[1], device=device)[None, :] <= q_pos[:, None]  # [length, L] causal
+    return PrefillChunk(c.start, c.length, Slots.of(slots, block_size), mask[None, None])
 
 
 def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | None:
     if not seqs:
         return None
     n_blocks = [blocks_needed(s.context + 1, block_size) for s in seqs]
-    tables, _ = padded([s.block_table[:n] for s, n in zip(seqs, n_blocks)], device)
+    tables = padded([s.block_table[:n] for s, n in zip(seqs, n_blocks)], device)
     pos = torch.arange(tables.shape[1] * block_size, device=device)
     lengths = torch.tensor([s.context + 1 for s in seqs], device=device)
     mask = torch.zeros((len(seqs), pos.shape[0]), dtype=torch.float32, device=device)
@@ -89,21 +81,24 @@ def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | 
 
 def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: list[SeqRows], block_size: int,
                    device) -> StepMetadata:
-    return StepMetadata(Slots.of(slot_mapping, block_size), sum(c.length for c in prefill), prefill_group(prefill, block_size, device),
-                        decode_group(decode, block_size, device))
+    return StepMetadata(Slots.of(slot_mapping, block_size), sum(c.length for c in prefill),
+                        [prefill_chunk(c, block_size, device) for c in prefill], decode_group(decode, block_size, device))
 
 
-def prefill_attention(q, k, v, cache: KVCache, layer: int, g: PrefillGroup) -> torch.Tensor:
-    """q/k/v [n_prefill, heads, D] -> [n_prefill, H, D]."""
-    if g.kv_slots is None:  # one whole prompt: causal attention over its own rows
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           is_causal=True, enable_gqa=True)
-        return o[0].transpose(0, 1)
-    qp = q[g.rows].transpose(1, 2)                                    # [P, H, Q, D]
-    # [P, KV, L, D], head_dim contiguous as SDPA's fused kernel wants
-    kp, vp = (t.to(q.dtype, memory_format=torch.contiguous_format) for t in cache.tokens(layer, g.kv_slots))
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=g.mask, enable_gqa=True).transpose(1, 2)  # [P, Q, H, D]
-    return o.reshape(-1, *o.shape[2:]) if g.valid is None else o[g.valid]
+def prefill_attention(q, k, v, cache: KVCache, layer: int, chunks: list[PrefillChunk]) -> torch.Tensor:
+    """q/k/v [n_prefill, heads, D] -> [n_prefill, H, D], one SDPA call per chunk: padding chunks into
+    one masked call would change a chunk's result with the others' lengths (SDPA tiles by length)."""
+    parts = []
+    for c in chunks:
+        qc = q[c.start:c.start + c.length].transpose(0, 1)[None]      # [1, H, Q, D]
+        if c.kv_slots is None:  # a whole prompt: causal attention over its own rows
+            kc, vc = (t[c.start:c.start + c.length].transpose(0, 1)[None] for t in (k, v))
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
+        else:  # [1, KV, L, D], head_dim contiguous as SDPA's fused kernel wants
+            kc, vc = (t.to(q.dtype, memory_format=torch.contiguous_format) for t in cache.tokens(layer, c.kv_slots))
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, enable_gqa=True)
+        parts.append(o[0].transpose(0, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup) -> torch.Tensor:
@@ -142,7 +137,7 @@ class PagedAttention:
         self.cache.write(layer, m.slot_mapping, k, v)
         n = m.n_prefill
         parts = []
-        if m.prefill is not None:
+        if m.prefill:
             parts.append(prefill_attention(q[:n], k[:n], v[:n], self.cache, layer, m.prefill))
         if m.decode is not None:
             parts.append(decode_attention(q[n:], self.cache, layer, m.decode))

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from pdmix.errors import PdmixError
-from pdmix.paths import remove_path, check_no_overlap, claim, os_errors, os_reason
+from pdmix.paths import claim, non_directory, os_errors, os_reason, remove_path
 
 
 def check_target(target: Path, overwrite: bool, flag: str = "--save_path") -> None:
@@ -22,43 +22,37 @@ def check_target(target: Path, overwrite: bool, flag: str = "--save_path") -> No
 
 
 def _make_parent(target: Path, flag: str) -> None:
-    for p in reversed([target.parent, *target.parent.parents]):
-        if p.exists() and not p.is_dir():
-            raise PdmixError(f"{flag} {target}: {p} is not a directory")
+    if (p := non_directory(target.parent)) is not None:
+        raise PdmixError(f"{flag} {target}: {p} is not a directory")
     with os_errors(flag, target):
         target.parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False, flag: str = "--save_path",
-               source: str | os.PathLike | None = None, source_flag: str = "--model_path"):
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False, flag: str = "--save_path"):
     """Yield a fresh temporary folder beside `target`; on success it replaces `target`.
 
-    `target` is claimed for the run (a second run into it is refused) and must not overlap `source`.
+    `target` is claimed for the run (a second run into it is refused).
     On any exception (KeyboardInterrupt included) the temporary folder is removed and `target` is
     left as it was, so an interrupted run never leaves a half-written directory; an OS error while
     writing (disk full, read-only) becomes a one-line PdmixError naming `flag`.
     """
     target = Path(target).absolute()
-    if source is not None:
-        check_no_overlap(source, target, source_flag, flag)
     check_target(target, overwrite, flag)
     _make_parent(target, flag)
     with claim(target, flag):
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         try:
-            with os_errors(flag, target):
-                tmp.mkdir()
+            tmp.mkdir()
             yield tmp
             check_target(target, overwrite, flag)  # again: something may have appeared there meanwhile
-            with os_errors(flag, target):
-                if target.exists() or target.is_symlink():
-                    old = target.parent / f".{target.name}.old-{os.getpid()}"
-                    target.rename(old)
-                    tmp.rename(target)
-                    remove_path(old)
-                else:
-                    tmp.rename(target)
+            if target.exists() or target.is_symlink():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                target.rename(old)
+                tmp.rename(target)
+                remove_path(old)
+            else:
+                tmp.rename(target)
         except (OSError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise PdmixError(f"{flag} {target}: cannot write ({os_reason(e)})") from None

@@ -7,6 +7,7 @@ import os
 import sys
 
 from pdmix.errors import PdmixError
+from pdmix.paths import os_reason
 
 COMMANDS = {
     "fetch": ("pdmix.fetch", "download and convert a real model (smollm2) into a cached Hugging Face folder"),
@@ -46,7 +47,7 @@ def run_command(module: str, args) -> int:
         return 1
     except OSError as e:  # the last net: an operating-system error no check foresaw, still one line
         where = f"{e.filename}: " if e.filename else ""
-        print(error_line(f"{where}{e.strerror or e.__class__.__name__}"), file=sys.stderr, flush=True)
+        print(error_line(f"{where}{os_reason(e)}"), file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("pdmix: interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint
 from pdmix.params import number, whole
-from pdmix.paths import check_output_file, write_results
+from pdmix.paths import check_output_file, os_reason, write_results
 
 MODES = ("dynamic", "static", "pdmix")
 CHAT_PROMPTS = (
@@ -54,7 +54,7 @@ def token_windows(tokenizer, data: Path, ctx: int, max_windows: int | None, data
     except UnicodeDecodeError as e:
         raise PdmixError(f"--data {data}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise PdmixError(f"--data {data}: cannot read ({e.strerror or e.__class__.__name__})") from None
+        raise PdmixError(f"--data {data}: cannot read ({os_reason(e)})") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = ids[int(len(ids) * data_range[0]):int(len(ids) * data_range[1])]
     wins = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]

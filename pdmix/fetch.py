@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pdmix.atomic import atomic_dir
 from pdmix.errors import PdmixError
-from pdmix.paths import os_errors
+from pdmix.paths import non_directory, os_errors
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,8 @@ MODELS = {
 
 def pdmix_home() -> Path:
     home = Path(os.environ.get("PDMIX_HOME") or Path.home() / ".cache" / "pdmix")
-    for p in (home, *home.parents):
-        if p.exists() and not p.is_dir():
-            raise PdmixError(f"PDMIX_HOME {home}: {p} is not a directory")
+    if (p := non_directory(home)) is not None:
+        raise PdmixError(f"PDMIX_HOME {home}: {p} is not a directory")
     return home
 
 

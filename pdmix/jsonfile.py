@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.paths import os_reason
 
 
 def read_json_object(path: Path, missing_hint: str = "") -> dict:
@@ -14,7 +15,7 @@ def read_json_object(path: Path, missing_hint: str = "") -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PdmixError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
-        raise PdmixError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
+        raise PdmixError(f"{path}: cannot read ({os_reason(e)})") from None
     if not isinstance(data, dict):
         raise PdmixError(f"{path}: expected a JSON object")
     return data

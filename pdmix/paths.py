@@ -32,6 +32,11 @@ def os_errors(flag: str, path):
         raise PdmixError(f"{flag} {path}: cannot write ({os_reason(e)})") from None
 
 
+def non_directory(path: Path) -> Path | None:
+    """The first of `path` and the folders above it that exists but is not a directory, if any."""
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _resolved(p) -> Path:
     return Path(os.path.realpath(os.path.abspath(p)))
 

@@ -118,8 +118,7 @@ EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.in
 def has_nonfinite(t: torch.Tensor) -> bool:
     """Any NaN or inf in a float tensor, a slice at a time."""
     int_dtype, mask = EXPONENT_BITS[t.dtype]
-    flat = t.reshape(-1).view(int_dtype)
-    return any(int((flat[i:i + CHUNK] & mask).max()) == mask for i in range(0, flat.numel(), CHUNK))
+    return _any(t.reshape(-1).view(int_dtype), lambda x: (x & mask).max() == mask)
 
 
 def check_finite(st: SafetensorsFolder, name: str) -> None:
@@ -127,13 +126,19 @@ def check_finite(st: SafetensorsFolder, name: str) -> None:
         raise _fail(st, name, "contains NaN or inf")
 
 
+def check_all_finite(st: SafetensorsFolder) -> None:
+    """No NaN or inf in any float tensor: read one at a time, each file unmapped once scanned."""
+    for name in releasing(st, st.names()):
+        check_finite(st, name)
+    st.release()
+
+
 def _check_values(st: SafetensorsFolder, prefix: str, model_dtype: torch.dtype | None) -> None:
     """SPEC §3-§4 on the values: symmetric int8 weight, legal activation parameters, consistent deq_scale."""
     def get(suffix):
         return st.get(f"{prefix}.{suffix}")
 
-    weight = get("weight").reshape(-1)
-    if any(int(weight[i:i + CHUNK].min()) == -128 for i in range(0, weight.numel(), CHUNK)):
+    if _any(get("weight"), lambda x: x.min() == -128):
         raise _fail(st, f"{prefix}.weight", "contains -128, outside the symmetric range [-127, 127]")
     if _any(get("weight_offset"), lambda x: x != 0):
         raise _fail(st, f"{prefix}.weight_offset", "not all zero (weights are symmetric)")
@@ -276,8 +281,7 @@ def inspect_checkpoint(path) -> dict:
                              f"but is none of the {len(QUANT_SUFFIXES)} tensors of a quantized linear")
     for prefix in quantized:
         _check_layout(folder, st, types, prefix)
-    for name in releasing(st, st.names()):
-        check_finite(st, name)
+    check_all_finite(st)
     for prefix in releasing(st, quantized, suffix=".weight"):
         _check_values(st, prefix, model_dtype)
     _check_input_groups(st, quantized)

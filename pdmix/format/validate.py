@@ -2,8 +2,8 @@
 
 Names, shapes and dtypes come from the safetensors headers (nothing is read); finiteness is
 checked one tensor at a time, so memory stays bounded by the largest tensor. `pdmix quant` runs
-these on its float source; `load_model` (run, LLM, eval) runs them on a float folder, and
-`inspect`'s checks on a W8A8_MIX one, so nothing `inspect` would reject is ever loaded.
+these on its float source; `LLM` (run, serve, eval) runs them on a float folder, and `inspect`'s
+checks on a W8A8_MIX one, before loading, so nothing `inspect` would reject is ever loaded.
 """
 
 import re
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint, read_description
-from pdmix.format.inspect import check_finite, inspect_checkpoint, releasing
+from pdmix.format.inspect import check_all_finite, inspect_checkpoint
 from pdmix.format.names import DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, WEIGHT_FILE
 from pdmix.models.arch import LINEAR_NAMES, config_dims, linear_prefix, linear_shape
 from pdmix.format.reader import SafetensorsFolder
@@ -82,15 +82,12 @@ def check_tensors(cfg: ModelConfig, st: SafetensorsFolder, dtype_exact: bool, ty
                              f"expected {expected} (config.json dtype {str(cfg.dtype).removeprefix('torch.')}){hint}")
 
 
-def check_all_finite(st: SafetensorsFolder) -> None:
-    """No NaN or inf in any float tensor: read one at a time, each file unmapped once scanned."""
-    for name in releasing(st, st.names()):
-        check_finite(st, name)
-    st.release()
+def has_quant_weights(folder: Path) -> bool:
+    return (folder / WEIGHT_FILE).exists() or (folder / INDEX_FILE).exists()
 
 
 def check_not_quantized(folder: Path, flag: str = "--model_path") -> None:
-    if is_quant_checkpoint(folder) or (folder / WEIGHT_FILE).exists() or (folder / INDEX_FILE).exists():
+    if is_quant_checkpoint(folder) or has_quant_weights(folder):
         raise PdmixError(f"{flag} {folder} is already a W8A8_MIX checkpoint; pass the float model it came from")
 
 
@@ -110,6 +107,6 @@ def check_loadable(cfg: ModelConfig) -> None:
         check_tensors(cfg, st, dtype_exact=False, types=read_description(folder)[1])
         st.release()
         return
-    if (folder / WEIGHT_FILE).exists() or (folder / INDEX_FILE).exists():
+    if has_quant_weights(folder):
         raise PdmixError(f"{folder}: has W8A8_MIX weight files but no {DESCRIPTION_FILE}")
     check_float_source(cfg, SafetensorsFolder(folder, quantized=False), dtype_exact=False)

@@ -83,12 +83,12 @@ class _Fields:
             raise self.fail(key, f"is {v!r}, expected true or false")
         return v
 
-    def token_ids(self, key: str, vocab: int, raw: dict | None = None, path: Path | None = None) -> list[int]:
-        v = (self.raw if raw is None else raw).get(key)
+    def token_ids(self, key: str, vocab: int) -> list[int]:
+        v = self.raw.get(key)
         ids = [] if v is None else list(v) if isinstance(v, list) else [v]
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise PdmixError(f"{path or self.path}: {key} {v!r}: expected token ids in 0..{vocab - 1}")
+                raise PdmixError(f"{self.path}: {key} {v!r}: expected token ids in 0..{vocab - 1}")
         return ids
 
 
@@ -153,7 +153,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     eos = f.token_ids("eos_token_id", vocab)
     gen_cfg = folder / "generation_config.json"
     if gen_cfg.exists():
-        eos = sorted(set(eos) | set(f.token_ids("eos_token_id", vocab, read_json_object(gen_cfg), gen_cfg)))
+        eos = sorted(set(eos) | set(_Fields(read_json_object(gen_cfg), gen_cfg).token_ids("eos_token_id", vocab)))
     bos = f.token_ids("bos_token_id", vocab)
     _check_rope(raw, path)
     return ModelConfig(

@@ -96,10 +96,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return o.transpose(0, 1).to(q.dtype)
 
 
-def packed_causal_attention(lengths: list[int]):
-    """attn(layer_idx, q, k, v) over several sequences packed row after row (varlen)."""
+def packed_causal_attention(lengths: list[int], attend=causal_attention):
+    """attn(layer_idx, q, k, v) over several sequences packed row after row (varlen), each through attend."""
     def attn(_, q, k, v):
-        return torch.cat([causal_attention(*t) for t in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
+        return torch.cat([attend(*t) for t in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
     return attn
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pdmix.errors import PdmixError
+from pdmix.paths import os_reason
 
 FIELDS = ("inputs_pretokenized", "text")
 
@@ -25,7 +26,7 @@ def read_prompts(path: str | Path | None, max_samples: int) -> list[str]:
     except UnicodeDecodeError as e:
         raise PdmixError(f"--calib_file {path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise PdmixError(f"--calib_file {path}: cannot read ({e.strerror or e.__class__.__name__})") from None
+        raise PdmixError(f"--calib_file {path}: cannot read ({os_reason(e)})") from None
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 
 from pdmix.errors import PdmixError
+from pdmix.models.arch import LINEAR_NAMES
 
 
 @dataclass
@@ -41,7 +42,7 @@ class QuantConfig:
         if self.calib_max_len > cfg.max_position_embeddings:
             raise PdmixError(f"--calib_max_len {self.calib_max_len}: the model has max_position_embeddings "
                              f"{cfg.max_position_embeddings}; calibrating past it measures positions it never sees")
-        n, total = self.rollback_count(), 7 * cfg.num_layers
+        n, total = self.rollback_count(), len(LINEAR_NAMES) * cfg.num_layers
         if n is not None and n >= total:
             raise PdmixError(f"--disable_level {self.disable_level}: the model has {total} linears, so nothing would "
                              f"be quantized; use at most L{total - 1}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pdmix.atomic import atomic_dir, check_target
 from pdmix.format.inspect import inspect_checkpoint
-from pdmix.format.validate import check_float_source, check_not_quantized
+from pdmix.format.validate import check_all_finite, check_not_quantized, check_tensors
 from pdmix.paths import check_no_overlap
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
@@ -30,7 +30,7 @@ from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
 from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, linear_prefix
 from pdmix.models.config import ModelConfig, load_config
-from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms
+from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms, packed_causal_attention
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
 from pdmix.quant import calib, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
@@ -130,13 +130,6 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return torch.cat(out, dim=2)
 
 
-def packed_attention(lengths: list[int]):
-    """attn(layer_idx, q, k, v) over calibration prompts packed row after row."""
-    def attn(_, q, k, v):
-        return torch.cat([bounded_causal_attention(*t) for t in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
-    return attn
-
-
 class Calibration:
     """The calibration hidden states of every prompt, carried through the layers.
 
@@ -176,7 +169,7 @@ class Calibration:
             if on_chunk:
                 on_chunk(i)
             cos, sin = self.rope[i]
-            out.append(layer(h, cos, sin, packed_attention(self.lengths[i]), split))
+            out.append(layer(h, cos, sin, packed_causal_attention(self.lengths[i], bounded_causal_attention), split))
         if keep:
             self.hidden = out
 
@@ -344,16 +337,17 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     n_rollback = config.rollback_count()
     auto = n_rollback is None
     st = SafetensorsFolder(model_path, quantized=False)
-    check_float_source(cfg, st)  # names, shapes, dtypes against config.json; no NaN/inf (streamed)
+    check_tensors(cfg, st, dtype_exact=True)  # names, shapes, dtypes against config.json (headers only)
     rollback.expand_names(config.disable_names, cfg.num_layers)
     prompts = calib.read_prompts(config.calib_file, config.calib_max_samples)
     tokenizer = load_tokenizer(model_path)
     ids = calib.tokenize(tokenizer, prompts, config.calib_max_len)
+    check_all_finite(st)  # last: it reads every tensor
     log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
         f"rollback {config.disable_level}; device {device}")
 
-    with atomic_dir(save_path, overwrite, source=model_path) as out:
+    with atomic_dir(save_path, overwrite) as out:
         cal = Calibration(cfg, st, ids, device)
         spill, scores = None, {}
         if config.anti_method != "none" or n_rollback or auto:

@@ -125,35 +125,45 @@ def build_prompts(args, llm) -> tuple[list[str], list[list[int]]]:
     return texts, [llm.encode(t) for t in texts]
 
 
-def check_flags(args) -> None:
+def check_engine_flags(args) -> None:
+    """The engine flags `pdmix run` and `pdmix serve` share."""
     for name in ("max_batch_size", "max_input_length", "max_output_length", "block_size"):
         whole(f"--{name}", getattr(args, name), 1)
     if args.threads is not None:
         whole("--threads", args.threads, 1)
     if args.max_prefill_tokens != -1:
         whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
+
+
+def load_llm(args, model_path, num_blocks: int | None = None):
+    """The LLM the shared engine flags describe (after check_engine_flags)."""
+    import torch
+
+    from pdmix.runtime.llm import LLM
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return LLM(model_path, quant_mode=args.quant_mode, block_size=args.block_size, max_batch_size=args.max_batch_size,
+               max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
+               max_input_length=args.max_input_length, max_output_length=args.max_output_length,
+               num_blocks=num_blocks, device=args.device, kernel=args.kernel, compile=args.compile)
+
+
+def check_flags(args) -> None:
+    check_engine_flags(args)
     from pdmix.runtime.sampling import check_sampling
     check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, prefix="--")
 
 
 def run(args) -> int:
-    import torch
-
     from pdmix.runtime import tp
-    from pdmix.runtime.llm import LLM
     from pdmix.runtime.sampling import SamplingParams
 
     check_flags(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)
-    llm = LLM(args.model_path, quant_mode=args.quant_mode, block_size=args.block_size,
-              max_batch_size=args.max_batch_size,
-              max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
-              max_input_length=args.max_input_length, max_output_length=args.max_output_length, device=args.device,
-              kernel=args.kernel, compile=args.compile)
+    llm = load_llm(args, args.model_path)
     try:
         questions, prompts = build_prompts(args, llm)
         llm.warmup()

@@ -309,6 +309,18 @@ def test_malformed_requests_get_openai_errors_and_the_server_goes_on(srv):
         srv.client(api_key="nope").models.list()
 
 
+def test_max_tokens_past_the_models_positions_is_refused(ck):
+    # the flags fit the cache and each is under the model's 4096 positions, but 10 + 4090 tokens are not
+    with serve(ck, "--block_size", 16, "--max_batch_size", 1, "--max_input_length", 64,
+               "--max_output_length", 4090) as s:
+        for path, body in ((C, {**GOOD, "prompt": [1] * 10}), (CHAT, GOOD_CHAT)):
+            status, err = s.raw("POST", path, {**body, "max_tokens": 4090})
+            assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
+            assert "max_position_embeddings 4096" in err["error"]["message"]
+            status, ok = s.raw("POST", path, {**body, "max_tokens": 8})
+            assert status == 200 and ok["usage"]["completion_tokens"] <= 8, ok
+
+
 def test_sigterm_while_streaming_exits_0_and_ends_every_stream_cleanly(ck):
     with serve(ck, "--block_size", 16, "--max_output_length", 4000, "--shutdown_timeout", 1) as s:
         results, first = {}, threading.Barrier(5)

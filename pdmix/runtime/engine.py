@@ -97,7 +97,7 @@ class Engine:
     def run(self, seqs: list[Sequence]) -> None:
         """Run sequences to completion (they join and leave the batch as the scheduler sees fit)."""
         for s in seqs:
-            self.scheduler.check(s)  # all or none join
+            self.scheduler.check(len(s.prompt_ids), s.params.max_tokens)  # all or none join
         for s in seqs:
             self.scheduler.add(s)
         while self.scheduler.has_work():

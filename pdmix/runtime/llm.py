@@ -9,8 +9,8 @@ from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.format.validate import check_loadable
 from pdmix.models.config import load_config
-from pdmix.params import whole
 from pdmix.models.linear import MODES
+from pdmix.params import whole
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.compiled import compile_decoder
 from pdmix.runtime.engine import Engine, Stats
@@ -18,8 +18,8 @@ from pdmix.runtime.kv_cache import KVCache, blocks_needed, cache_dtype
 from pdmix.runtime.loader import load_model
 from pdmix.runtime.memory import keep_freed_memory
 from pdmix.runtime.sampling import SamplingParams, make_generator
-from pdmix.tokenizer import load_tokenizer
 from pdmix.runtime.scheduler import Scheduler, Sequence
+from pdmix.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -61,16 +61,17 @@ class LLM:
         cfg = load_config(model_path)
         for name, v in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
             whole(name, v, 1, cfg.max_position_embeddings)  # positions past it were never trained
-        tpm.check_divisible(cfg, tpm.from_env().size)  # before any rank joins the process group
+        tp_size = tpm.from_env().size
+        tpm.check_divisible(cfg, tp_size)  # before any rank joins the process group
         if num_blocks is None:
             num_blocks = max_batch_size * blocks_needed(max_input_length + max_output_length, block_size)
         device = resolve_device(device)
-        check_kv_memory(cfg, num_blocks, block_size, tpm.from_env().size, device,
+        check_kv_memory(cfg, num_blocks, block_size, tp_size, device,
                         f"max_batch_size {max_batch_size} x (max_input_length {max_input_length} + "
                         f"max_output_length {max_output_length}) tokens")
         check_loadable(cfg)  # before joining the process group: every rank refuses a bad checkpoint alike
         self.tp, self.device = tpm.init(device)
-        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, check=False)
+        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel)
         if compile:
             compile_decoder(self.model, max_batch_size)
         keep_freed_memory()
@@ -121,10 +122,7 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise PdmixError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
             ids = self.encode(prompt) if isinstance(prompt, str) else prompt_ids(prompt, i)
-            self.check_prompt(ids)
-            if len(ids) + p.max_tokens > self.cfg.max_position_embeddings:
-                raise PdmixError(f"prompt {i}: {len(ids)} tokens + max_tokens {p.max_tokens} pass the model's "
-                                 f"max_position_embeddings {self.cfg.max_position_embeddings}")
+            self.check_request(ids, p, i)
             seqs.append(Sequence(ids, p, make_generator(p, self.device)))
         self.engine.stats = Stats()
         self.engine.run(seqs)
@@ -137,6 +135,15 @@ class LLM:
         self.generate([[0] * min(n, self.max_input_length) for n in prompt_lens],
                       SamplingParams(max_tokens=decode_steps, ignore_eos=True))
         self.engine.stats = Stats()
+
+    def check_request(self, ids: list[int], params: SamplingParams, i: int = 0) -> None:
+        """Refuse prompt i and its max_tokens before it joins: too long, outside the vocabulary, past the
+        model's positions, or more than the KV cache holds."""
+        self.check_prompt(ids)
+        if len(ids) + params.max_tokens > self.cfg.max_position_embeddings:
+            raise PdmixError(f"prompt {i}: {len(ids)} tokens + max_tokens {params.max_tokens} pass the model's "
+                             f"max_position_embeddings {self.cfg.max_position_embeddings}")
+        self.engine.scheduler.check(len(ids), params.max_tokens)
 
     def check_prompt(self, ids: list[int], limit_length: bool = True) -> None:
         if not ids:
@@ -169,7 +176,7 @@ class LLM:
         if len(token_ids) > self.cfg.max_position_embeddings:
             raise PdmixError(f"{len(token_ids)} tokens pass the model's max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
-        return self.engine.score(list(token_ids), n_prefill, mode)
+        return self.engine.score(token_ids, n_prefill, mode)
 
 
 def prompt_ids(prompt, i: int) -> list[int]:

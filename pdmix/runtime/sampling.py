@@ -96,7 +96,8 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """The model's log-probability of token (before any penalty or temperature) and its top candidates."""
-    logp = logits.float().log_softmax(-1)
+    """The model's log-probability of token (before any penalty or temperature) and its top candidates,
+    from fp32 logits [vocab]."""
+    logp = logits.log_softmax(-1)
     values, ids = logp.topk(min(top, logp.shape[-1]))
     return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

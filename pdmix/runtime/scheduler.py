@@ -68,15 +68,15 @@ class Scheduler:
         self.num_preemptions = 0
         self._scheduled: set[int] = set()
 
-    def check(self, seq: Sequence) -> None:
+    def check(self, prompt_len: int, max_tokens: int) -> None:
         """Refuse a sequence that could not fit in the whole cache even alone."""
-        longest = len(seq.prompt_ids) + seq.params.max_tokens
+        longest = prompt_len + max_tokens
         if blocks_needed(longest, self.block_size) > self.allocator.num_blocks:
             raise PdmixError(f"a sequence of up to {longest} tokens (prompt + max_tokens) does not fit in the KV cache "
                              f"({self.allocator.num_blocks} blocks of {self.block_size} tokens)")
 
     def add(self, seq: Sequence) -> None:
-        self.check(seq)
+        self.check(len(seq.prompt_ids), seq.params.max_tokens)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -145,15 +145,13 @@ class Scheduler:
         seq.block_table = []
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence wherever it is (running or waiting) and free its blocks."""
         seq.finish_reason = reason
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         self._release(seq)
 
     def abort(self, seq: Sequence) -> None:
-        """Drop an unfinished sequence wherever it is (waiting or running) and free its blocks."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        elif seq in self.running:
-            self.running.remove(seq)
-        self._release(seq)
-        seq.finish_reason = "abort"
+        self.finish(seq, "abort")

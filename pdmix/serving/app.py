@@ -15,7 +15,6 @@ from starlette.exceptions import HTTPException
 from pdmix.errors import PdmixError
 from pdmix.run_pa import apply_chat, chat_template
 from pdmix.runtime.sampling import SamplingParams
-from pdmix.runtime.scheduler import Sequence
 from pdmix.serving.online import Choice, Delta, Failed, Finished, OnlineEngine
 from pdmix.serving.online import Request as EngineRequest
 from pdmix.serving.protocol import ApiError, ChatRequest, Common, CompletionRequest, parse
@@ -40,6 +39,10 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="pdmix", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = llm.tokenizer  # this (HTTP) thread's; the engine thread decodes with its own
+    try:
+        template, template_error = chat_template(cfg.chat_template, tokenizer), None
+    except PdmixError as e:  # chat requests get this error; /v1/completions needs no template
+        template, template_error = None, str(e)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -64,13 +67,21 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {cfg.model_name!r}", "model",
                            "model_not_found")
 
-    def check_prompt(ids: list[int]) -> list[int]:
+    def check_request(ids: list[int], params: SamplingParams, i: int) -> None:
         try:
-            llm.check_prompt(ids)
+            llm.check_request(ids, params, i)
         except PdmixError as e:
-            code = "context_length_exceeded" if "max_input_length" in str(e) else None
-            raise ApiError(400, str(e), "prompt", code) from None
-        return ids
+            too_long = "max_input_length" in str(e) or "max_position_embeddings" in str(e)
+            raise ApiError(400, str(e), "prompt", "context_length_exceeded" if too_long else None) from None
+
+    def sampling_params(body: Common, max_tokens: int, logprobs: int | None, j: int) -> SamplingParams:
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                  top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                                  seed=None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
+                                  logprobs=logprobs)
+        except PdmixError as e:
+            raise ApiError(400, str(e)) from None
 
     @app.get("/health")
     async def health():
@@ -103,7 +114,7 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
         if isinstance(p, list) and not p:
             raise ApiError(400, "prompt: empty list", "prompt")
         texts_or_ids = [p] if isinstance(p, str) or isinstance(p[0], int) else p
-        prompts = [check_prompt(llm.encode(x) if isinstance(x, str) else list(x)) for x in texts_or_ids]
+        prompts = [llm.encode(x) if isinstance(x, str) else list(x) for x in texts_or_ids]
         return await generate(request, body, prompts, body.max_tokens, body.logprobs,
                               CompletionFormat(cfg.model_name, tokenizer))
 
@@ -112,15 +123,14 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
         body = await accept(request, ChatRequest)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if template_error is not None:
+            raise ApiError(400, template_error, "messages")
         try:
-            template = chat_template(cfg.chat_template, tokenizer)
             ids = apply_chat(tokenizer, template, [m.plain() for m in body.messages])
         except PdmixError as e:
             raise ApiError(400, str(e), "messages") from None
-        except Exception as e:  # the template itself rejected the conversation (jinja raise_exception)
-            raise ApiError(400, f"chat template: {e}", "messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await generate(request, body, [check_prompt(ids)], body.max_completion_tokens or body.max_tokens,
+        return await generate(request, body, [ids], body.max_completion_tokens or body.max_tokens,
                               logprobs, ChatFormat(cfg.model_name, tokenizer))
 
     async def generate(request: Request, body: Common, prompts: list[list[int]], max_tokens: int | None,
@@ -132,16 +142,9 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
         stop = body.stop_strings()
         choices = []
         for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                try:
-                    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                            top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                                            seed=None if body.seed is None else body.seed + j,
-                                            ignore_eos=body.ignore_eos, logprobs=logprobs)
-                    llm.engine.scheduler.check(Sequence(ids, params))
-                except PdmixError as e:
-                    raise ApiError(400, str(e)) from None
-                choices.append(Choice(i * body.n + j, ids, params, engine.new_stream(stop)))
+            params = [sampling_params(body, max_tokens, logprobs, j) for j in range(body.n)]
+            check_request(ids, params[0], i)  # the choices of a prompt differ only in their seeds
+            choices += [Choice(i * body.n + j, ids, p, engine.new_stream(stop)) for j, p in enumerate(params)]
         req = EngineRequest(choices, asyncio.get_running_loop())
         engine.submit(req)
         prompt_tokens = sum(map(len, prompts))

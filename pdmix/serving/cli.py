@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pdmix.errors import PdmixError
 from pdmix.params import number, whole
+from pdmix.run_pa import check_engine_flags, load_llm
 
 
 def flag(p, name: str, **kw) -> None:
@@ -49,32 +50,21 @@ def add_arguments(p) -> None:
 def check_flags(args) -> None:
     whole("--port", args.port, 0, 65535)
     number("--shutdown_timeout", args.shutdown_timeout, 0)
-    for name in ("max_batch_size", "max_input_length", "max_output_length", "block_size"):
-        whole(f"--{name}", getattr(args, name), 1)
-    for name in ("num_blocks", "threads"):
-        if getattr(args, name) is not None:
-            whole(f"--{name}", getattr(args, name), 1)
-    if args.max_prefill_tokens != -1:
-        whole("--max_prefill_tokens", args.max_prefill_tokens, 1)
+    check_engine_flags(args)
+    if args.num_blocks is not None:
+        whole("--num_blocks", args.num_blocks, 1)
 
 
 def run(args) -> int:
-    import torch
     import torch.distributed as dist
 
     from pdmix.runtime import tp
-    from pdmix.runtime.llm import LLM
     from pdmix.serving.online import follow
 
     check_flags(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if tp.from_env().is_main:
         check_port(args.host, args.port)  # before minutes of loading, not after
-    llm = LLM(args.model, quant_mode=args.quant_mode, block_size=args.block_size, max_batch_size=args.max_batch_size,
-              max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
-              max_input_length=args.max_input_length, max_output_length=args.max_output_length,
-              num_blocks=args.num_blocks, device=args.device, kernel=args.kernel, compile=args.compile)
+    llm = load_llm(args, args.model, args.num_blocks)
     try:
         group = dist.new_group(backend="gloo") if llm.tp.size > 1 else None
         llm.warmup()

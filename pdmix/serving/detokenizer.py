@@ -9,7 +9,7 @@ Text that could be the start of a stop string is held back too, so a stop string
 
 class TextStream:
     def __init__(self, tokenizer, stop: list[str] | None = None):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop or [] if s]
+        self.tokenizer, self.stop = tokenizer, stop or []
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""            # decoded so far, whole characters only
         self.sent = 0             # characters of text already handed out

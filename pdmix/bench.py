@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pdmix import kernels
 from pdmix.errors import PdmixError
 from pdmix.models import arch
+from pdmix.params import whole
 from pdmix.paths import check_output_file, write_results
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
@@ -161,12 +162,12 @@ def resolve_settings(args, device: torch.device, dims: dict) -> dict:
 def check_args(args) -> None:
     if args.layers is not None and args.model_path:
         raise PdmixError("--layers applies to --shape only")
-    if args.layers is not None and args.layers < 1:
-        raise PdmixError(f"--layers must be at least 1, got {args.layers}")
+    if args.layers is not None:
+        whole("--layers", args.layers, 1)
     if args.quant_path and not args.model_path:
         raise PdmixError("--quant_path needs --model_path (its float model)")
-    if args.threads is not None and args.threads < 1:
-        raise PdmixError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None:
+        whole("--threads", args.threads, 1)
     if args.skip_linear and args.skip_e2e:
         raise PdmixError("--skip_linear and --skip_e2e together leave nothing to run")
 
@@ -218,7 +219,8 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # Linux: reset the RSS high-water mark, so each engine's peak is its own
+    try:  # Linux: reset the RSS high-water mark, so the peak is the engines' (loaded after
+        # quantizing) rather than the whole process's
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass  # the peak is then the process's since its start
@@ -243,18 +245,12 @@ def machine_peaks(device: torch.device, dtype: torch.dtype) -> dict:
     linear's number against: bf16 and int8 GEMM throughput at a large square size, and copy bandwidth
     (bytes read + written) of a 256 MiB tensor."""
     n = PEAK_GEMM
-    a, b = activation(n, n, dtype, device, 1), activation(n, n, dtype, device, 2)
-    peaks = {"bf16_gflops": 2 * n ** 3 / median_time(lambda: F.linear(a, b), device, 1, 3) / 1e9}
-    params = w8a8_mix.W8A8Params(weight=torch.ones(n, n, dtype=torch.int8, device=device),
-                                 weight_scale=torch.ones(n, device=device), input_scale=torch.ones((), device=device),
-                                 input_offset=torch.zeros((), device=device), deq_scale=torch.ones(n, device=device),
-                                 quant_bias=torch.zeros(n, dtype=torch.int32, device=device),
-                                 bias_float=torch.zeros(n, device=device))
+    w, params = make_linear_pair(n, n, dtype, device)
+    a = activation(n, n, dtype, device, 1)
+    peaks = {"bf16_gflops": 2 * n ** 3 / median_time(lambda: F.linear(a, w), device, 1, 3) / 1e9}
     kernel = kernels.build(params, dtype)
-    x_q = activation(n, n, dtype, device, 3).clamp(-100, 100)
     if hasattr(kernel, "gemm"):  # the int8 GEMM alone, without quantization
-        from pdmix.kernels.onednn import quantize_static_u8
-        x_u8 = quantize_static_u8(x_q, params.input_scale, params.input_offset)
+        x_u8 = torch.randint(0, 256, (n, n), dtype=torch.uint8, device=device)
         peaks["int8_gops"] = 2 * n ** 3 / median_time(lambda: kernel.gemm(x_u8, None), device, 1, 3) / 1e9
     src = torch.empty(PEAK_COPY_BYTES, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -682,7 +678,7 @@ def run(args) -> int:
             result["peaks"] = peaks = machine_peaks(device, dtype)
             for row in result["linear"]:
                 flop, k_n = 2 * row["m"] * row["n"] * row["k"], row["n"] * row["k"]
-                row["bf16"]["bound"] = bound(row["bf16"], flop, 2 * k_n, peaks, int8=False)
+                row["bf16"]["bound"] = bound(row["bf16"], flop, dtype.itemsize * k_n, peaks, int8=False)
                 for name in backends:
                     for path in W8A8_PATHS:
                         row[name][path]["bound"] = bound(row[name][path], flop, k_n, peaks, int8=True)

@@ -47,8 +47,9 @@ def to_msmodelslim(t: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, 
 
 
 def build_w8a8_checkpoint(src_model_dir, out_dir, variant: str = "pdmix", m4_biases: bool = False, seed: int = 0,
-                          float_layers=()) -> Path:
-    """float_layers: full linear names (model.layers.0.mlp.down_proj) to keep float."""
+                          float_layers=(), quant_label: str = QUANT_TYPE) -> Path:
+    """float_layers: full linear names (model.layers.0.mlp.down_proj) to keep float. quant_label: the
+    description's label of quantized tensors (older writers put "W8A8")."""
     src, out = Path(src_model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(src)
@@ -83,7 +84,7 @@ def build_w8a8_checkpoint(src_model_dir, out_dir, variant: str = "pdmix", m4_bia
                 if variant == "msmodelslim":
                     q = to_msmodelslim(q, cfg.dtype)
                 for k, v in q.items():
-                    put(f"{p}.{k}", v, QUANT_TYPE)
+                    put(f"{p}.{k}", v, quant_label)
                 if own_bias is not None:
                     put(p + ".bias", bias)
         for n in ("input_layernorm", "post_attention_layernorm") + (("self_attn.q_norm", "self_attn.k_norm") if cfg.qk_norm else ()):

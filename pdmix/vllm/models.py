@@ -72,19 +72,20 @@ class W8A8MixModel:
     def load_weights(self, weights):
         if self.w8a8_mix is None:
             return super().load_weights(weights)
-        cfg, seen = self.w8a8_mix, []
+        cfg, seen = self.w8a8_mix, {}  # seen: checkpoint name -> the name it was loaded as
 
         def prepared():
             for name, tensor in weights:
-                seen.append(name)
-                yield cfg.checkpoint_tensor(name, tensor)
+                mapped, tensor = cfg.checkpoint_tensor(name, tensor)
+                seen[name] = mapped
+                yield mapped, tensor
 
         loaded = super().load_weights(prepared())
         tied = getattr(self.config, "tie_word_embeddings", False)
-        for name in seen:
+        for name, mapped in seen.items():
             if tied and name.startswith("lm_head."):
                 continue  # vLLM ties it to the embedding
-            if self._vllm_name(cfg.checkpoint_name(name)) not in loaded:
+            if self._vllm_name(mapped) not in loaded:
                 raise ValueError(f"pdmix: checkpoint tensor {name} has no place in vLLM's {type(self).__name__}; "
                                  f"refusing to run without it")
         missing = sorted(set(cfg.types) - set(seen))

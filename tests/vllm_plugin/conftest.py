@@ -4,7 +4,6 @@ this process (no engine subprocess) so a test can switch PDMIX_VLLM_MODE between
 reach the model's layers."""
 
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import pytest  # noqa: E402
 
 from builders import build_w8a8_checkpoint  # noqa: E402
+from pdmix.format.names import QUANT_TYPE  # noqa: E402
 from pdmix.synth import make_random_model  # noqa: E402
 
 TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -51,13 +51,8 @@ def checkpoints(tmp_path_factory):
             make_random_model(src, arch, shape=TINY_SHAPE, dtype=getattr(torch, dtype))
         if kind.startswith("msmodelslim"):
             # fp32 scales, int64 deq_scale (fp16), sharded names, m4 norm and linear biases, q/k float beside a quantized v
-            out = build_w8a8_checkpoint(src, root / name, variant="msmodelslim", m4_biases=True, float_layers=SPLIT_QK)
-            if kind.endswith("legacy"):  # older writers label the quantized tensors "W8A8"
-                desc = out / "quant_model_description.json"
-                types = json.loads(desc.read_text())
-                desc.write_text(json.dumps({k: "W8A8" if v == "W8A8_MIX" and k != "model_quant_type" else v
-                                            for k, v in types.items()}))
-            return out
+            return build_w8a8_checkpoint(src, root / name, variant="msmodelslim", m4_biases=True, float_layers=SPLIT_QK,
+                                         quant_label="W8A8" if kind.endswith("legacy") else QUANT_TYPE)
         # pdmix's quantizer with m4 smoothing; up_proj float beside a quantized gate_proj
         return quantize(src, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--disable_names",
                         *SPLIT_QK, "model.layers.0.mlp.up_proj")

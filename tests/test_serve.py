@@ -353,16 +353,6 @@ def test_sigterm_while_streaming_exits_0_and_ends_every_stream_cleanly(ck):
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def smollm2_w8a8(small_calib, tmp_path_factory):
-    """The real SmolLM2-135M-Instruct, quantized (m4 smoothing, no rollback) on a short calibration set."""
-    from pdmix.fetch import fetch_model
-    from pdmix.quant.config import QuantConfig
-    from pdmix.quant.pipeline import quantize
-    cfg = QuantConfig(calib_file=str(small_calib), anti_method="m4", quiet=True)
-    return quantize(fetch_model(quiet=True), tmp_path_factory.mktemp("smol") / "smollm2-w8a8", cfg)
-
-
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_smollm2_w8a8_served_equals_llm(smollm2_w8a8):

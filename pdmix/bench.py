@@ -32,7 +32,7 @@ from pdmix import kernels
 from pdmix.errors import PdmixError
 from pdmix.models import arch
 from pdmix.params import whole
-from pdmix.paths import check_output_file, write_results
+from pdmix.paths import check_output_file, check_writable_dir, write_results
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
 from pdmix.synth import SHAPES
@@ -170,6 +170,8 @@ def check_args(args) -> None:
         whole("--threads", args.threads, 1)
     if args.skip_linear and args.skip_e2e:
         raise PdmixError("--skip_linear and --skip_e2e together leave nothing to run")
+    if args.tmp_dir is not None:
+        check_writable_dir(args.tmp_dir, "--tmp_dir")
 
 
 def cpu_name() -> str:

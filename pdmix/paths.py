@@ -101,6 +101,20 @@ def claim(target: Path, flag: str):
         os.close(fd)
 
 
+def check_writable_dir(path, flag: str) -> Path:
+    """Before a run: `path` is an existing folder that files can be created in (nothing is left behind)."""
+    p = Path(path)
+    if not p.exists():
+        raise PdmixError(f"{flag} {p}: no such folder")
+    if not p.is_dir():
+        raise PdmixError(f"{flag} {p}: not a folder")
+    probe = p / f".pdmix-probe-{os.getpid()}"
+    with os_errors(flag, p):
+        probe.write_bytes(b"")
+        probe.unlink()
+    return p
+
+
 def check_output_file(path, flag: str = "--output") -> Path:
     """Before a long run: the file can be created (its folder exists and is writable), so the results
     are not lost at the end. Nothing is left behind by the check."""

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.jsonfile import read_jsonl
 from pdmix.params import whole
 
 DEFAULT_INPUT = "What's deep learning?"
@@ -46,19 +47,7 @@ def add_arguments(p) -> None:
 
 def read_chats(path: str) -> list[list[dict]]:
     chats = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise PdmixError(f"--input_file {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise PdmixError(f"--input_file {path}: not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PdmixError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, item in read_jsonl(path, "--input_file"):
         messages = item.get("messages") if isinstance(item, dict) else item
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in messages):

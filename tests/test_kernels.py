@@ -5,13 +5,14 @@ import torch
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
-from pdmix.kernels import reference
+from pdmix.kernels import onednn, reference
 from pdmix.kernels.reference import ReferenceKernel
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
 
 CPU = torch.device("cpu")
-FAST_CPU = [n for n in kernels.PRIORITY["cpu"] if n != "reference"]
+# the CPU backends other than the reference that can run here (onednn needs an exact int8 GEMM: VNNI)
+FAST_CPU = [n for n in kernels.PRIORITY["cpu"] if n != "reference" and kernels.BACKENDS[n].unsupported(CPU, False) is None]
 ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -61,12 +62,28 @@ def test_cpu_backend_static_rows_equal_spec_formula(name):
 
 def test_empty_rows():
     p = layer(32, 64, seed=1)
-    for name in kernels.PRIORITY["cpu"]:
+    for name in FAST_CPU + ["reference"]:
         assert kernels.build(p, torch.bfloat16, name).apply(torch.empty(0, 64, dtype=torch.bfloat16), 0).shape == (0, 32)
 
 
+def test_onednn_is_chosen_exactly_where_its_accumulators_are_exact():
+    """On x86 CPUs without VNNI oneDNN's u8s8 GEMM saturates int16 pair sums; there the reference runs."""
+    k = 256
+    w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (9, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x[0], w[0] = 255, 127  # the extreme codes
+    want = ((x.int() - onednn.U8_SHIFT) @ w.int().T).float()
+    got = onednn.exact_accumulators(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(64),
+                                    torch.zeros(64, dtype=torch.int64), None)
+    assert onednn.exact_on_this_cpu() == torch.equal(got, want)
+    assert kernels.choose(CPU).name == ("onednn" if torch.equal(got, want) else "reference")
+    if not onednn.exact_on_this_cpu():
+        with pytest.raises(PdmixError, match="--kernel onednn: cannot run this layer on cpu: oneDNN's int8 GEMM is not exact"):
+            kernels.choose(CPU, name="onednn")
+
+
 def test_priority_list_and_forcing():
-    assert kernels.choose(CPU).name == kernels.PRIORITY["cpu"][0] == "onednn"
+    assert kernels.PRIORITY["cpu"][0] == "onednn"
     # a row-parallel shard needs the exact int32 all-reduce: only the reference exposes its accumulator
     assert kernels.choose(CPU, row_parallel=True).name == "reference"
     assert kernels.choose(CPU, name="reference").name == "reference"
@@ -96,7 +113,7 @@ def test_smollm2_greedy_tokens_identical_across_backends(smollm2_w8a8):
 
     prompt = "What's deep learning? Explain it to a student."
     outs = {}
-    for name in kernels.PRIORITY["cpu"]:
+    for name in FAST_CPU + ["reference"]:
         llm = LLM(smollm2_w8a8, max_batch_size=1, kernel=name)
         outs[name] = llm.generate(prompt, SamplingParams(max_tokens=64, ignore_eos=True))[0].outputs[0].token_ids
     assert len(outs["reference"]) == 64
@@ -104,8 +121,6 @@ def test_smollm2_greedy_tokens_identical_across_backends(smollm2_w8a8):
 
 
 def test_compiled_fusions_are_bit_identical_to_eager():
-    from pdmix.kernels import onednn
-
     x = activations(300, 576, seed=2)  # above COMPILE_MIN_ELEMENTS: the fused path
     assert x.numel() >= onednn.COMPILE_MIN_ELEMENTS
     scale, offset = torch.tensor(0.037), torch.tensor(3.0)
@@ -125,7 +140,7 @@ def test_onednn_masked_rows_equal_split_rows(m, n_dynamic):
     """apply_masked (the compiled graph's form: both quantizations, rows picked by a mask) computes
     what apply computes with the row split as a count."""
     if "onednn" not in FAST_CPU:
-        pytest.skip("no oneDNN int8 linear in this torch build")
+        pytest.skip("no exact oneDNN int8 linear here")
     p = layer(320, 128, seed=5)
     x = activations(m, 128, seed=m)
     k = kernels.build(p, torch.bfloat16, "onednn")

@@ -79,14 +79,16 @@ def test_cache_write_puts_rows_at_their_slots():
                     device=torch.device("cpu"))
     k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
     cache.write(0, Slots.of(torch.tensor([9, 2, 4]), 4), k, v)  # block 2 row 1, block 0 row 2, block 1 row 0
-    # keys per block, transposed [num_blocks, kv_heads, head_dim, block_size]; values [slots, kv_heads, head_dim]
+    # keys per block, transposed [num_blocks, kv_heads, head_dim, block_size]; values per block
+    # [num_blocks, kv_heads, block_size, head_dim]
     assert torch.equal(cache.k[0][2, :, :, 1], k[0]) and torch.equal(cache.k[0][0, :, :, 2], k[1])
     assert torch.equal(cache.k[0][1, :, :, 0], k[2])
-    assert torch.equal(cache.v[0][4], v[2]) and torch.equal(cache.v[0][9], v[0])
-    assert cache.k[0].shape == (3, 2, 3, 4) and cache.v[0].shape == (12, 2, 3)
+    assert torch.equal(cache.v[0][1, :, 0], v[2]) and torch.equal(cache.v[0][2, :, 1], v[0])
+    assert cache.k[0].shape == (3, 2, 3, 4) and cache.v[0].shape == (3, 2, 4, 3)
     keys, values = cache.blocks(0, torch.tensor([[2, 0]]))  # one sequence over blocks 2 then 0
     assert torch.equal(keys[0, 0, :, :, 1], k[0]) and torch.equal(keys[0, 1, :, :, 2], k[1])
-    assert torch.equal(values[0, 1], v[0]) and keys.shape == (1, 2, 2, 3, 4) and values.shape == (1, 8, 2, 3)
+    assert torch.equal(values[0, 0, :, 1], v[0]) and torch.equal(values[0, 1, :, 2], v[1])
+    assert keys.shape == (1, 2, 2, 3, 4) and values.shape == (1, 2, 2, 4, 3)
     tk, tv = cache.tokens(0, Slots.of(torch.tensor([[9, 2, 4]]), 4))  # [P, KV, L, D]
     assert torch.equal(tk[0].transpose(0, 1), k) and torch.equal(tv[0].transpose(0, 1), v)
 

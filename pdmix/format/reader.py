@@ -4,7 +4,6 @@ Nothing is read until asked for: the quantizer streams one decoder layer at a ti
 runtime loads one tensor at a time, so a model larger than RAM can still be processed.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,17 +11,17 @@ from safetensors import SafetensorError, safe_open
 
 from pdmix.errors import PdmixError
 from pdmix.format.names import INDEX_FILE, WEIGHT_FILE
+from pdmix.jsonfile import read_json
 
 HF_WEIGHT_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(path.read_text())
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise PdmixError(f"{path}: not a valid safetensors index ({e.__class__.__name__}: {e})") from None
+    index = read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if weight_map is None:
+        raise PdmixError(f"{path}: not a valid safetensors index (no weight_map object)")
     if not isinstance(weight_map, dict):
         raise PdmixError(f"{path}: weight_map is not an object")
     return weight_map

@@ -40,6 +40,30 @@ def available() -> bool:
         and torch.backends.mkldnn.is_available()
 
 
+def exact_accumulators(x_u8: torch.Tensor, packed, ones: torch.Tensor, zeros: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """(x_u8 - 128) @ W^T (+ bias) from oneDNN's int8 GEMM with unit scales, as fp32."""
+    return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, U8_SHIFT, packed, ones, zeros, bias,
+                                              1.0, 0, torch.float32, "none", [], "")
+
+
+@functools.cache
+def exact_on_this_cpu() -> bool:
+    """Whether oneDNN's u8s8 GEMM gives exact accumulators here. On x86 CPUs without VNNI it multiplies
+    with vpmaddubsw, which adds two u8*s8 products in a saturating int16: codes near the ends of the
+    range (255 * 127 * 2 > 32767) come out wrong. Checked once, on those extreme codes."""
+    if not available():
+        return False
+    k = 64
+    w = torch.full((4, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    x = torch.full((2, k), 255, dtype=torch.uint8)
+    x[1] = 1
+    got = exact_accumulators(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(4), torch.zeros(4, dtype=torch.int64),
+                             None)
+    return torch.equal(got, ((x.int() - U8_SHIFT) @ w.int().T).float())
+
+
 def quantize_static_u8(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
     """SPEC §5's static quantization as uint8: clamp(round(x / input_scale + input_offset), -128, 127) + 128
     (the shift after rounding, so the codes are exactly the reference's)."""
@@ -102,6 +126,8 @@ class OneDNNKernel:
             return "a row-parallel shard all-reduces its int32 accumulators in the reference kernel"
         if not available():
             return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"
+        if not exact_on_this_cpu():
+            return "oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its int16 sums saturate)"
         return None
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
@@ -118,8 +144,7 @@ class OneDNNKernel:
 
     def gemm(self, x_u8: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """(x_u8 - 128) @ W^T (+ bias), exact integers as fp32."""
-        return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, U8_SHIFT, self.packed, self.ones, self.zeros, bias,
-                                                  1.0, 0, torch.float32, "none", [], "")
+        return exact_accumulators(x_u8, self.packed, self.ones, self.zeros, bias)
 
     def static(self, x: torch.Tensor) -> torch.Tensor:
         acc = self.gemm(fused(quantize_static_u8, x, self.input_scale, self.input_offset), self.quant_bias)

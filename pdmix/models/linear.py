@@ -49,22 +49,31 @@ class FloatLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(weight.dtype), requires_grad=False)
-        self.reduce = None  # set by tensor parallelism on row-parallel layers
+        # Under tensor parallelism every rank runs the whole float layer, as one process does: a
+        # row-parallel one all-gathers its sharded input first (`gather`), a column-parallel one keeps
+        # its rank's output columns (`columns`). A sharded GEMM sums in another order (per-rank partial
+        # products; another blocking for fewer columns), and a float layer's output bits, then the
+        # next int8 codes, would depend on the number of ranks. Only rolled-back layers are float in
+        # a W8A8_MIX model, so the extra work is small.
+        self.gather = None
+        self.columns: slice | None = None
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[0] if self.columns is None else self.columns.stop - self.columns.start
+
+    @property
+    def row_parallel(self) -> bool:
+        return self.gather is not None
 
     def forward(self, x: torch.Tensor, split: RowSplit | torch.Tensor | None = None) -> torch.Tensor:
-        if self.reduce is None:
-            if torch.compiler.is_compiling():
-                return torch.ops.pdmix.linear(x, self.weight, self.bias)
-            return F.linear(x, self.weight, self.bias)
-        # Row-parallel: sum fp32 partials, then round once, as a single process would.
-        y = self.reduce(F.linear(x.float(), self.weight.float()))
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+        if self.gather is not None:
+            x = self.gather(x)
+        if torch.compiler.is_compiling():
+            y = torch.ops.pdmix.linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if self.columns is None else y[..., self.columns].contiguous()
 
 
 class W8A8MixLinear(nn.Module):
@@ -83,6 +92,10 @@ class W8A8MixLinear(nn.Module):
         self.reduce = None      # row-parallel: all-reduce sum of int32 accumulators
         self.reduce_max = None  # row-parallel: all-reduce max of per-token absmax
         self.kernel = None
+
+    @property
+    def row_parallel(self) -> bool:
+        return self.reduce is not None
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], out_dtype: torch.dtype, name: str = "",
@@ -115,8 +128,9 @@ class W8A8MixLinear(nn.Module):
 
 def fuse_linears(mods: list[nn.Module], name: str) -> nn.Module | None:
     """One linear computing several that read the same input (q/k/v, gate/up), outputs concatenated;
-    None when they are of different kinds (one rolled back to float, say) or row-parallel shards."""
-    if any(m.reduce is not None for m in mods):
+    None when they are of different kinds (one rolled back to float, say), row-parallel shards, or
+    float layers that keep a rank's columns of the whole output."""
+    if any(m.row_parallel or getattr(m, "columns", None) is not None for m in mods):
         return None
     if all(type(m) is FloatLinear for m in mods):
         biases = [m.bias if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in mods]

@@ -1,14 +1,13 @@
 """Calibration prompts: a jsonl file (msModelSlim's `inputs_pretokenized` field, or `text`), or the
 set shipped with pdmix. Each prompt is tokenized alone: calibration runs batch 1, no padding."""
 
-import json
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.paths import os_reason
+from pdmix.jsonfile import read_jsonl
 
 FIELDS = ("inputs_pretokenized", "text")
 
@@ -19,22 +18,8 @@ def default_calib_file() -> Path:
 
 def read_prompts(path: str | Path | None, max_samples: int) -> list[str]:
     path = Path(path) if path else default_calib_file()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PdmixError(f"--calib_file {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise PdmixError(f"--calib_file {path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise PdmixError(f"--calib_file {path}: cannot read ({os_reason(e)})") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise PdmixError(f"--calib_file {path}: line {n} is not valid JSON") from None
+    for n, row in read_jsonl(path, "--calib_file"):
         text = next((row[f] for f in FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
         if text is None:
             raise PdmixError(f"--calib_file {path}: line {n} has no string field {' or '.join(FIELDS)}")
@@ -43,11 +28,11 @@ def read_prompts(path: str | Path | None, max_samples: int) -> list[str]:
         except UnicodeEncodeError as e:
             raise PdmixError(f"--calib_file {path}: line {n} holds {e.object[e.start:e.end]!a}, "
                              f"not a character (a lone surrogate escape?)") from None
-        if text.strip():
+        if text.strip() and len(prompts) < max_samples:
             prompts.append(text)
     if not prompts:
         raise PdmixError(f"--calib_file {path}: no calibration prompts")
-    return prompts[:max_samples]
+    return prompts
 
 
 def tokenize(tokenizer, prompts: list[str], max_len: int) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ class PrefillChunk:
 @dataclass
 class DecodeGroup:
     block_tables: torch.Tensor    # int64 [B, nb]: each sequence's cache blocks (padded with block 0)
-    mask: torch.Tensor            # additive fp32 [B, 1, 1, nb * block]: -inf past a sequence's last token
+    mask: torch.Tensor            # additive fp32 [B, nb, 1, 1, block]: -inf past a sequence's last token
     first_block: int | None = None  # one sequence on consecutive blocks from here: read in place, no gather
 
 
@@ -76,7 +76,7 @@ def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | 
     mask.masked_fill_(pos[None, :] >= lengths[:, None], float("-inf"))
     table = seqs[0].block_table[:n_blocks[0]]
     consecutive = len(seqs) == 1 and table == list(range(table[0], table[0] + len(table)))
-    return DecodeGroup(tables, mask[:, None, None, :], table[0] if consecutive else None)
+    return DecodeGroup(tables, mask.view(len(seqs), -1, 1, 1, block_size), table[0] if consecutive else None)
 
 
 def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: list[SeqRows], block_size: int,
@@ -106,24 +106,27 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
     its block table in one batched computation.
 
     Written out rather than CPU SDPA (several times slower for one query row), in fp32 as SDPA
-    accumulates. Scores come block by block (one GEMM shape whatever the batch); padding past a
-    sequence's end is masked to -inf, so it adds exact zeros after the sequence's own terms in the
-    value GEMM: a sequence's output is the same alone or in a batch (tested bit for bit)."""
+    accumulates. Everything is computed block by block, with one GEMM shape whatever the batch: scores,
+    and each block's softmax numerator (its values weighted) and denominator. The blocks' sums are then
+    added in block order by a sequential cumsum. The batch is padded to its longest sequence, and that
+    padding is masked to -inf, so it adds exact zeros after a sequence's own blocks: its output is bit
+    for bit the same alone or beside any others. (One sum over the padded length would not be: its
+    reduction tree, and a GEMM's blocking of its K dimension, depend on the length.)"""
     b, h, d = q.shape
     if g.first_block is None:
-        k, v = cache.blocks(layer, g.block_tables)                         # [B, nb, KV, D, block], [B, L, KV, D]
+        k, v = cache.blocks(layer, g.block_tables)           # [B, nb, KV, D, block], [B, nb, KV, block, D]
     else:
         k, v = cache.block_range(layer, g.first_block, g.block_tables.shape[1])
     kv = k.shape[2]
-    scores = torch.matmul(q.float().view(b, 1, kv, h // kv, d), k.float())  # [B, nb, KV, G, block]
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kv, h // kv, -1).mul_(d ** -0.5)  # [B, KV, G, L]
+    scores = torch.matmul(q.float().view(b, 1, kv, h // kv, d), k.float()).mul_(d ** -0.5)  # [B, nb, KV, G, block]
     # exp of scores far below the max underflows to fp32 subnormals, which x86 computes with ~100x
     # slower microcode in the matmul that follows; e^-80 is already below any sum's resolution, so
     # the clamp changes no output bit, and the -inf mask (added after it) still gives exact zeros
-    top = (scores + g.mask).amax(-1, keepdim=True)
+    top = (scores + g.mask).amax((1, 4), keepdim=True)
     e = scores.sub_(top).clamp_(min=-80).add_(g.mask).exp_()
-    o = torch.matmul(e, v.float().transpose(1, 2)).div_(e.sum(-1, keepdim=True))  # [B, KV, G, D]
-    return o.view(b, h, d).to(q.dtype)
+    num = torch.matmul(e, v.float()).cumsum(1)[:, -1]      # [B, KV, G, D]
+    den = e.sum(-1).cumsum(1)[:, -1, ..., None]            # [B, KV, G, 1]
+    return num.div_(den).view(b, h, d).to(q.dtype)
 
 
 class PagedAttention:

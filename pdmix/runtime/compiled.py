@@ -54,7 +54,7 @@ def unsupported(model: CausalLM) -> str | None:
     for name, m in model.named_modules():
         if isinstance(m, W8A8MixLinear) and not hasattr(m.kernel, "apply_masked"):
             return f"{m.name or name} runs on the {m.kernel.name} kernel, which has no graph form (use --kernel onednn)"
-        if isinstance(m, (W8A8MixLinear, FloatLinear)) and m.reduce is not None:
+        if isinstance(m, (W8A8MixLinear, FloatLinear)) and m.row_parallel:
             return "tensor-parallel shards all-reduce inside their linears"
     return None
 

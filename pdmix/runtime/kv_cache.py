@@ -34,11 +34,12 @@ def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 class KVCache:
     """Per layer, keys stored block by block as [num_blocks, kv_heads, head_dim, block_size] (each
-    block's keys transposed) and values as [slots, kv_heads, head_dim], slot = block * block_size +
-    offset. Gathering a batch's key blocks gives [B, n_blocks, kv_heads, head_dim, block_size]: the
-    batch, block and head dimensions collapse into one GEMM batch with no re-layout (a [kv_heads,
-    head_dim, slots] layout needed a 17 MB transposing copy per layer at batch 16), and each block's
-    GEMM has the same shape alone or in a batch, so a sequence's scores do not depend on the batch."""
+    block's keys transposed) and values as [num_blocks, kv_heads, block_size, head_dim]; slot = block *
+    block_size + offset. Gathering a batch's blocks gives keys [B, n_blocks, kv_heads, head_dim, block_size]
+    and values [B, n_blocks, kv_heads, block_size, head_dim]: the batch, block and head dimensions
+    collapse into one GEMM batch with no re-layout (a [kv_heads, head_dim, slots] layout needed a 17 MB
+    transposing copy per layer at batch 16), and each block's GEMMs have the same shape alone or in a
+    batch, so a sequence's scores and per-block value sums do not depend on the batch."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -48,36 +49,34 @@ class KVCache:
         # hold finite values (0 * NaN would leak into the output)
         self.k = [torch.zeros((num_blocks, kv_heads, head_dim, block_size), dtype=dtype, device=device)
                   for _ in range(num_layers)]
-        self.v = [torch.zeros((slots, kv_heads, head_dim), dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros((num_blocks, kv_heads, block_size, head_dim), dtype=dtype, device=device)
+                  for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     def write(self, layer: int, slots: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the k/v rows [T, kv_heads, head_dim] of a step at their slots [T]."""
         self.k[layer][slots.block, :, :, slots.offset] = k.to(self.k[layer].dtype)
-        self.v[layer].index_copy_(0, slots.flat, v.to(self.v[layer].dtype))
+        self.v[layer][slots.block, :, slots.offset] = v.to(self.v[layer].dtype)
 
     def blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole blocks of each sequence, block_tables [B, nb] -> keys [B, nb, KV, D, block] and values
-        [B, nb * block, KV, D]."""
-        _, kv, d = self.v[layer].shape
-        v = self.v[layer].view(-1, self.block_size, kv, d)[block_tables]          # [B, nb, block, KV, D]
-        return self.k[layer][block_tables], v.view(block_tables.shape[0], -1, kv, d)
+        [B, nb, KV, block, D]."""
+        return self.k[layer][block_tables], self.v[layer][block_tables]
 
     def block_range(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """As blocks() for one sequence on blocks first .. first + n - 1: views, no copy."""
-        start, stop = first * self.block_size, (first + n) * self.block_size
-        return self.k[layer][None, first:first + n], self.v[layer][None, start:stop]
+        return self.k[layer][None, first:first + n], self.v[layer][None, first:first + n]
 
     def tokens(self, layer: int, slots: "Slots") -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots [P, L], both as [P, KV, L, D]."""
         return (self.k[layer][slots.block, :, :, slots.offset].transpose(1, 2),
-                self.v[layer][slots.flat].transpose(1, 2))
+                self.v[layer][slots.block, :, slots.offset].transpose(1, 2))
 
 
 @dataclass(frozen=True)
 class Slots:
     """Cache slots (any shape) with their blocks and offsets, computed once per step rather than per
-    layer: keys are stored by block and offset, values by flat slot."""
+    layer."""
     flat: torch.Tensor
     block: torch.Tensor
     offset: torch.Tensor

@@ -60,7 +60,9 @@ class LLM:
         kernels.check_name(kernel)
         cfg = load_config(model_path)
         for name, v in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
-            whole(name, v, 1, cfg.max_position_embeddings)  # positions past it were never trained
+            if whole(name, v, 1) > cfg.max_position_embeddings:  # positions past it were never trained
+                raise PdmixError(f"{name} {v} passes the model's max_position_embeddings "
+                                 f"{cfg.max_position_embeddings} ({cfg.folder / 'config.json'})")
         tp_size = tpm.from_env().size
         tpm.check_divisible(cfg, tp_size)  # before any rank joins the process group
         if num_blocks is None:

@@ -75,12 +75,15 @@ def build_linear(cfg: ModelConfig, get, reader: SafetensorsFolder, types: dict[s
 
 
 def float_linear(weight, bias, prefix: str, column: bool, tp: TP) -> FloatLinear:
-    if tp.size > 1:
-        weight = tpm.shard(weight, 0 if column else 1, tp)
-        bias = tpm.shard(bias, 0, tp) if column and bias is not None else bias
+    """Under tensor parallelism the whole layer on every rank (see FloatLinear): column-parallel keeps
+    this rank's output columns, row-parallel gathers its sharded input, so that the output bits do
+    not depend on the number of ranks."""
     lin = FloatLinear(weight, bias)
-    if tp.size > 1 and not column:
-        lin.reduce = tpm.all_reduce_sum
+    if tp.size > 1 and column:
+        step = weight.shape[0] // tp.size
+        lin.columns = slice(tp.rank * step, (tp.rank + 1) * step)
+    elif tp.size > 1:
+        lin.gather = tpm.all_gather_last
     return lin
 
 

@@ -63,6 +63,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_last(t: torch.Tensor) -> torch.Tensor:
+    """The ranks' shards of t, concatenated in rank order along the last dimension."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t

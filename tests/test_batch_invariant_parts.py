@@ -1,0 +1,62 @@
+"""The parts of a step whose output for one sequence could depend on the others in the batch (issue 18):
+decode attention over the paged cache, and the float linears (rolled-back layers, lm_head). Each row
+computed in a batch must equal, bit for bit, the same row computed alone."""
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from pdmix.models.linear import FloatLinear
+from pdmix.runtime.attention import SeqRows, decode_attention, decode_group
+from pdmix.runtime.kv_cache import KVCache, Slots, token_slots
+
+
+def softmax_attention(q, k, v):
+    """One query row's attention written out in float64: q [H, D], k/v [L, KV, D] -> [H, D]."""
+    h, kv = q.shape[0], k.shape[1]
+    k, v = (t.double().repeat_interleave(h // kv, dim=1) for t in (k, v))   # [L, H, D]
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q.double(), k) * q.shape[1] ** -0.5, -1)
+    return torch.einsum("hl,lhd->hd", p, v)
+
+
+def test_decode_attention_of_a_sequence_is_the_same_alone_or_beside_longer_ones():
+    g = torch.Generator().manual_seed(0)
+    block, kv, heads, d = 16, 2, 6, 32
+    rng = random.Random(0)
+    cache = KVCache(1, 96, block, kv, d, torch.float32, torch.device("cpu"))
+    free = list(range(96))
+    rng.shuffle(free)
+    seqs, keys, values = [], [], []
+    for length in (1, 5, 16, 17, 40, 100, 250, 333):  # 1 to 21 blocks: padding to the longest varies a lot
+        table = [free.pop() for _ in range(-(-length // block))]
+        k = torch.randn(length, kv, d, generator=g)
+        v = torch.randn(length, kv, d, generator=g)
+        cache.write(0, Slots.of(torch.tensor(token_slots(table, block, 0, length)), block), k, v)
+        seqs.append(SeqRows(len(seqs), 1, length - 1, table))
+        keys.append(k)
+        values.append(v)
+    q = torch.randn(len(seqs), heads, d, generator=g).bfloat16()
+    alone = [decode_attention(q[i:i + 1], cache, 0, decode_group([s], block, "cpu"))[0] for i, s in enumerate(seqs)]
+    for trial in range(20):
+        chosen = rng.sample(range(len(seqs)), rng.randint(2, len(seqs)))
+        out = decode_attention(q[chosen], cache, 0, decode_group([seqs[i] for i in chosen], block, "cpu"))
+        for row, i in enumerate(chosen):
+            assert torch.equal(out[row], alone[i]), f"trial {trial}: sequence {i} beside {chosen}"
+    for i in range(len(seqs)):  # and it is attention: against the formula in float64
+        want = softmax_attention(q[i].float(), keys[i], values[i])
+        assert (alone[i].double() - want).abs().max() < 1e-2 * want.abs().max()
+
+
+def test_float_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm():
+    torch.manual_seed(0)
+    # SmolLM2's lm_head and its rolled-back MLP linears, with as many rows as decode and prefill steps hold
+    for n, k, rows in ((49152, 576, 33), (576, 1536, 300), (1536, 576, 300)):
+        layer = FloatLinear(torch.randn(n, k).bfloat16())
+        x = torch.randn(rows, k).bfloat16()
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(rows)])
+        exact = x.double() @ layer.weight.double().T
+        assert ((alone.double() - exact).abs() <= 0.01 * exact.abs() + 0.05).all()
+        for m in (2, 3, 7, 16, 17, 33, 64, 129, 300):
+            if m <= rows:
+                assert torch.equal(layer(x[:m]), alone[:m]), (n, k, m)

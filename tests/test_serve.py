@@ -288,6 +288,8 @@ MALFORMED = [  # (method, path, body, headers, status)
     ("POST", CHAT, GOOD_CHAT, {"Authorization": None}, 401),
     ("GET", "/v1/models", None, {"Authorization": "Basic abc"}, 401),
     ("GET", "/v1/nope", None, None, 404),
+    ("POST", C, "[" * 100_000 + "]" * 100_000, None, 400),
+    ("POST", C, {**GOOD, "prompt": "x" * (17 * 2**20)}, None, 413),
     ("GET", C, None, None, 405),
 ]
 

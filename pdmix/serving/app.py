@@ -21,6 +21,7 @@ from pdmix.serving.protocol import ApiError, ChatRequest, Common, CompletionRequ
 from pdmix.serving.responses import ChatFormat, CompletionFormat, Format
 
 GONE = object()  # pushed to a request's events when its client disconnected
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a request body (token-id prompts of 100k tokens take about 1 MB)
 
 
 @dataclass
@@ -99,10 +100,24 @@ def create_app(llm, engine: OnlineEngine, cfg: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "pdmix",
                                             "max_model_len": llm.max_input_length + cfg.max_output_length}]}
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) past MAX_BODY_BYTES before it is held whole."""
+        declared = request.headers.get("content-length", "")
+        too_large = ApiError(413, f"request body larger than the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def accept(request: Request, model: type[Common]) -> Common:
         """The request's body, once the key, the JSON, its fields and the model name check out."""
         authorize(request)
-        body = parse(model, await request.body())
+        body = parse(model, await read_body(request))
         check_model(body.model)
         body.check_unsupported()
         return body

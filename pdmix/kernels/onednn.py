@@ -9,6 +9,10 @@ quant_bias added inside the GEMM, also exactly). The SPEC §5 epilogues then run
 reference's order of operations, so outputs are bit for bit the reference's: an int8 model
 re-quantizes every layer's output, and a 1-ulp difference would flip int8 codes downstream.
 
+On x86 CPUs without VNNI, oneDNN sums pairs of u8*s8 products in a saturating int16 (vpmaddubsw),
+wrong for codes near the ends of the range; there (found by a check at first use) each code is split
+into two halves below 128 that run as the rows of one call, and the accumulators stay exact.
+
 Quantization and the epilogues are chains of elementwise ops; from COMPILE_MIN_ELEMENTS elements on
 each runs as one torch.compile'd kernel (bit-identical to eager, 3-8x faster at prefill sizes; below
 that the compiled call's overhead outweighs the fusion). PDMIX_COMPILE=0 turns this off; a compiler
@@ -28,6 +32,7 @@ import weakref
 import torch
 
 from pdmix.kernels import reference
+from pdmix.schemes import w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 U8_SHIFT = 128  # int8 value + 128 = uint8 value
@@ -40,28 +45,43 @@ def available() -> bool:
         and torch.backends.mkldnn.is_available()
 
 
-def exact_accumulators(x_u8: torch.Tensor, packed, ones: torch.Tensor, zeros: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    """(x_u8 - 128) @ W^T (+ bias) from oneDNN's int8 GEMM with unit scales, as fp32."""
-    return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, U8_SHIFT, packed, ones, zeros, bias,
+def qlinear(x_u8: torch.Tensor, zero_point: int, packed, ones: torch.Tensor, zeros: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """(x_u8 - zero_point) @ W^T (+ bias) from oneDNN's int8 GEMM with unit scales, as fp32."""
+    return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, zero_point, packed, ones, zeros, bias,
                                               1.0, 0, torch.float32, "none", [], "")
 
 
+def split_accumulators(x_u8: torch.Tensor, packed, ones: torch.Tensor, zeros: torch.Tensor,
+                       shift: torch.Tensor) -> torch.Tensor:
+    """(x_u8 - 128) @ W^T where oneDNN's u8 products must stay below 128: x_u8 = a + b with
+    a = max(x_u8, 128) - 128 (= max(x_q, 0)) and b = min(x_u8, 128) (= min(x_q, 0) + 128), both in
+    [0, 128], run as the rows of one call, then a @ W^T + b @ W^T - 128 * sum_k(W) (`shift`)."""
+    m = x_u8.shape[0]
+    acc = qlinear(torch.cat([x_u8.clamp(min=U8_SHIFT) - U8_SHIFT, x_u8.clamp(max=U8_SHIFT)]), 0, packed, ones, zeros,
+                  None)
+    return acc[:m] + acc[m:] - shift
+
+
 @functools.cache
-def exact_on_this_cpu() -> bool:
-    """Whether oneDNN's u8s8 GEMM gives exact accumulators here. On x86 CPUs without VNNI it multiplies
-    with vpmaddubsw, which adds two u8*s8 products in a saturating int16: codes near the ends of the
-    range (255 * 127 * 2 > 32767) come out wrong. Checked once, on those extreme codes."""
+def needs_split() -> bool | None:
+    """How oneDNN's u8s8 GEMM gives exact accumulators on this CPU: False with x_q + 128 as they are,
+    True only through split_accumulators, None not at all. On x86 CPUs without VNNI (AVX2, older
+    AVX-512) oneDNN multiplies with vpmaddubsw, whose int16 sums of two u8*s8 products saturate for
+    codes near the ends of the range (255 * 127 * 2 > 32767). Checked once, on those codes."""
     if not available():
-        return False
+        return None
     k = 64
     w = torch.full((4, k), 127, dtype=torch.int8)
     w[1::2] = -127
-    x = torch.full((2, k), 255, dtype=torch.uint8)
-    x[1] = 1
-    got = exact_accumulators(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(4), torch.zeros(4, dtype=torch.int64),
-                             None)
-    return torch.equal(got, ((x.int() - U8_SHIFT) @ w.int().T).float())
+    x = torch.full((3, k), 255, dtype=torch.uint8)
+    x[1], x[2, ::2] = 0, 1
+    want = ((x.int() - U8_SHIFT) @ w.int().T).float()
+    packed, ones, zeros = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(4), torch.zeros(4, dtype=torch.int64)
+    if torch.equal(qlinear(x, U8_SHIFT, packed, ones, zeros, None), want):
+        return False
+    shift = U8_SHIFT * w.int().sum(1).float()
+    return True if torch.equal(split_accumulators(x, packed, ones, zeros, shift), want) else None
 
 
 def quantize_static_u8(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
@@ -126,8 +146,8 @@ class OneDNNKernel:
             return "a row-parallel shard all-reduces its int32 accumulators in the reference kernel"
         if not available():
             return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"
-        if not exact_on_this_cpu():
-            return "oneDNN's int8 GEMM is not exact on this CPU (no VNNI: its int16 sums saturate)"
+        if needs_split() is None:
+            return "oneDNN's int8 GEMM is not exact on this CPU"
         return None
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
@@ -138,13 +158,17 @@ class OneDNNKernel:
         self.zeros = torch.zeros(p.out_features, dtype=torch.int64)
         self.input_scale, self.input_offset = p.input_scale.clone(), p.input_offset.clone()
         self.quant_bias = p.quant_bias.to(torch.float32)  # exact: |quant_bias| < 2^24
+        self.shift = U8_SHIFT * w8a8_mix.weight_row_sums(p.weight) if needs_split() else None
         self.deq_scale, self.weight_scale, self.bias_float = p.deq_scale, p.weight_scale, p.bias_float
         self.handle = torch.tensor(next(_handles))
         _by_handle[int(self.handle)] = self
 
     def gemm(self, x_u8: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """(x_u8 - 128) @ W^T (+ bias), exact integers as fp32."""
-        return exact_accumulators(x_u8, self.packed, self.ones, self.zeros, bias)
+        if self.shift is None:
+            return qlinear(x_u8, U8_SHIFT, self.packed, self.ones, self.zeros, bias)
+        acc = split_accumulators(x_u8, self.packed, self.ones, self.zeros, self.shift)
+        return acc if bias is None else acc + bias
 
     def static(self, x: torch.Tensor) -> torch.Tensor:
         acc = self.gemm(fused(quantize_static_u8, x, self.input_scale, self.input_offset), self.quant_bias)

@@ -101,6 +101,14 @@ def claim(target: Path, flag: str):
         os.close(fd)
 
 
+def _probe_write(folder: Path, name: str, flag: str, shown: Path) -> None:
+    """Create and remove an empty file in folder: `FLAG SHOWN: cannot write (reason)` if that fails."""
+    probe = folder / name
+    with os_errors(flag, shown):
+        probe.write_bytes(b"")
+        probe.unlink()
+
+
 def check_writable_dir(path, flag: str) -> Path:
     """Before a run: `path` is an existing folder that files can be created in (nothing is left behind)."""
     p = Path(path)
@@ -108,10 +116,7 @@ def check_writable_dir(path, flag: str) -> Path:
         raise PdmixError(f"{flag} {p}: no such folder")
     if not p.is_dir():
         raise PdmixError(f"{flag} {p}: not a folder")
-    probe = p / f".pdmix-probe-{os.getpid()}"
-    with os_errors(flag, p):
-        probe.write_bytes(b"")
-        probe.unlink()
+    _probe_write(p, f".pdmix-probe-{os.getpid()}", flag, p)
     return p
 
 
@@ -126,10 +131,7 @@ def check_output_file(path, flag: str = "--output") -> Path:
         raise PdmixError(f"{flag} {p}: folder {parent} does not exist")
     if not parent.is_dir():
         raise PdmixError(f"{flag} {p}: {parent} is not a directory")
-    probe = parent / f".{p.name}.probe-{os.getpid()}"
-    with os_errors(flag, p):
-        probe.write_bytes(b"")
-        probe.unlink()
+    _probe_write(parent, f".{p.name}.probe-{os.getpid()}", flag, p)
     return p
 
 

@@ -97,6 +97,13 @@ def layer_linears(cfg, layer: int) -> list[tuple[str, Linear]]:
     return out
 
 
+def static_groups(cfg) -> tuple[tuple[str, ...], ...]:
+    """The input groups quantized W8A8_MIX (static ranges observed, smoothed, rolled back by score):
+    all of them, or a MoE model's attention groups only (its MLP linears are W8A8_DYNAMIC)."""
+    moe = ARCHITECTURES[cfg.arch].moe
+    return tuple(g for g in INPUT_GROUPS if not (moe and BY_NAME[g[0]].block == "mlp"))
+
+
 def is_dynamic_linear(cfg, prefix: str) -> bool:
     """Whether a linear takes the W8A8_DYNAMIC scheme (MoE models' MLP linears) rather than W8A8_MIX."""
     return ARCHITECTURES[cfg.arch].moe and ".mlp." in prefix

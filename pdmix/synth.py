@@ -31,6 +31,13 @@ SHAPES = {
                           num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
                           num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
 }
+
+
+def shape_arch(shape: str) -> str:
+    """The architecture a named shape is of: 'qwen3_moe' for the MoE shapes, else 'qwen3'."""
+    return "qwen3_moe" if "num_experts" in SHAPES[shape] else "qwen3"
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

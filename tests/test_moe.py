@@ -3,10 +3,7 @@
 quantizer, runtime, tensor parallelism and bad-input checks."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from pdmix.format.inspect import inspect_checkpoint
 from pdmix.quant.config import QuantConfig, make_config
 from pdmix.quant.pipeline import quantize
 from spec_reference import Reference, assert_close
+from test_runtime_cli import one_and_two_ranks
 from test_runtime_float import PROMPTS, assert_hf_greedy, hf_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen3_moe_tiny"
@@ -141,17 +139,26 @@ def test_run_and_eval_commands(tmp_path, capsys):
     assert result  # per-path perplexities were computed
 
 
+def test_serve_answers_as_llm():
+    from servers import serve
+    llm = LLM(ORACLE, block_size=4)
+    prompts = [[72, 101, 108, 108, 111], [40, 50, 60]]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))]
+    with serve(ORACLE, "--device", "cpu", "--block_size", 4, "--max_batch_size", 2) as s:
+        status, body = s.raw("POST", "/v1/completions", {"model": "msmodelslim", "prompt": prompts, "max_tokens": 6,
+                                                         "temperature": 0, "ignore_eos": True, "logprobs": 1})
+    assert status == 200, body
+    got = sorted(body["choices"], key=lambda c: c["index"])
+    assert [len(c["logprobs"]["tokens"]) for c in got] == [6, 6]
+    assert [c["text"] for c in got] == [llm.tokenizer.decode(ids, skip_special_tokens=True) for ids in want]
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_tokens_of_one_process():
     args = ["-m", "pdmix.run_pa", "--model_path", str(ORACLE), "--device", "cpu", "--ignore_eos", "--max_output_length",
             "8", "--print_ids", "--block_size", "4", "--max_batch_size", "2", "--kernel", "reference",
             "--input_texts", "Hello world", "What's deep learning?"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=180)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                         capture_output=True, text=True, env=env, timeout=180)
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
+    one, two = one_and_two_ranks(args)
     ids = [line for line in one.stdout.splitlines() if "token ids" in line]
     assert len(ids) == 2 and ids == [line for line in two.stdout.splitlines() if "token ids" in line]
 

@@ -33,10 +33,10 @@ def main() -> int:
     work = Path(args.workdir)
     src = work / f"{args.shape}-L{args.layers}"
     if not (src / "config.json").exists():
-        from pdmix.synth import make_random_model
+        from pdmix.synth import make_random_model, shape_arch
         print(f"building {src} ...", file=sys.stderr)
         shutil.rmtree(src, ignore_errors=True)
-        make_random_model(src, "qwen3", args.shape, layers=args.layers, tokenizer=True)
+        make_random_model(src, shape_arch(args.shape), args.shape, layers=args.layers, tokenizer=True)
     out = work / "out"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pdmix", "quant", "--model_path", str(src), "--save_path",
            str(out), "--device", "cpu", "--overwrite", "--quiet", "--calib_max_samples", str(args.calib_max_samples)]
@@ -53,6 +53,7 @@ def main() -> int:
         "model": f"random {args.shape} shape, {args.layers} layers", "calib_samples": args.calib_max_samples,
         "model_bytes": size, "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
         "peak_rss_bytes": peak_kb * 1024, "peak_rss_over_model": round(peak_kb * 1024 / size, 4),
+        "peak_rss_over_output": round(peak_kb * 1024 / sum(f.stat().st_size for f in out.glob("*.safetensors")), 4),
         "target": args.target, "wall_s": round(wall, 1), "command": " ".join(cmd[2:]),
     }
     result["pass"] = result["peak_rss_over_model"] < args.target

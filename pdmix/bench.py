@@ -35,7 +35,7 @@ from pdmix.params import whole
 from pdmix.paths import check_output_file, check_writable_dir, write_results
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
-from pdmix.synth import SHAPES
+from pdmix.synth import SHAPES, shape_arch
 
 DEFAULT_M = [1, 16, 64, 256, 1024, 2048, 4096, 8192]
 # Flags left unset take these, by device type. CPU keeps M and the iterations small: one large-M
@@ -68,7 +68,7 @@ def name_list(text: str) -> list[str]:
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model_path", help="float Hugging Face folder (quantized here with a short calibration)")
-    src.add_argument("--shape", choices=list(SHAPES), help="random Qwen3 weights of this shape")
+    src.add_argument("--shape", choices=list(SHAPES), help="random Qwen3 (or, *-a3b and tiny-moe, Qwen3-MoE) weights of this shape")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of --shape (default: all of the shape)")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--m", type=int_list, default=None, help=f"linear rows M (default {','.join(map(str, DEFAULT_M))})")
@@ -133,12 +133,19 @@ def model_dims(args) -> dict:
         s = SHAPES[args.shape]
         return dict(hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                     num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
-                    vocab_size=s.get("vocab_size", 512), layers=args.layers or s["num_hidden_layers"], dtype="bfloat16")
+                    vocab_size=s.get("vocab_size", 512), layers=args.layers or s["num_hidden_layers"], dtype="bfloat16",
+                    **moe_dims(s.get("num_experts", 0), s.get("moe_intermediate_size", 0)))
     from pdmix.models.config import load_config
     cfg = load_config(args.model_path)
     return dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
                 num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                layers=cfg.num_layers, dtype=str(cfg.dtype).removeprefix("torch."))
+                layers=cfg.num_layers, dtype=str(cfg.dtype).removeprefix("torch."),
+                **moe_dims(cfg.num_experts, cfg.moe_intermediate_size))
+
+
+def moe_dims(experts: int, moe_intermediate_size: int) -> dict:
+    """A MoE model's expert count and size (nothing for a dense one)."""
+    return dict(experts=experts, moe_intermediate_size=moe_intermediate_size) if experts else {}
 
 
 def resolve_settings(args, device: torch.device, dims: dict) -> dict:
@@ -390,6 +397,8 @@ def check_disk(folder: Path, dims: dict, model_path: str | None) -> None:
         need = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))  # quantized <= float
     else:
         layer = sum(n * k for n, k in linear_shapes(dims).values())
+        if dims.get("experts"):  # every layer sparse: experts instead of the dense MLP
+            layer += dims["hidden_size"] * (3 * dims["experts"] * dims["moe_intermediate_size"] - 3 * dims["intermediate_size"])
         embed = 2 * dims["vocab_size"] * dims["hidden_size"]
         need = 2 * (dims["layers"] * layer + embed) + (dims["layers"] * layer + 2 * embed)  # float + int8
     free = shutil.disk_usage(folder).free
@@ -410,7 +419,7 @@ def prepare_models(args, dims: dict, s: dict, device: torch.device, tmp: Path) -
     check_disk(tmp, dims, args.model_path)
     if args.shape:
         log(f"building random {args.shape} with {dims['layers']} layers in {tmp}")
-        float_dir = make_random_model(tmp / "float", "qwen3", args.shape, layers=dims["layers"], seed=args.seed)
+        float_dir = make_random_model(tmp / "float", shape_arch(args.shape), args.shape, layers=dims["layers"], seed=args.seed)
     else:
         float_dir = Path(args.model_path)
     check_positions(float_dir, s)

@@ -23,7 +23,21 @@ SHAPES = {
                      num_key_value_heads=8, head_dim=128, vocab_size=151936),
     "qwen3-14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    # Qwen3-MoE: layer 1 a dense MLP (mlp_only_layers), the others 8 experts, 2 active
+    "tiny-moe": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
+                          num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
 }
+
+
+def shape_arch(shape: str) -> str:
+    """The architecture a named shape is of: 'qwen3_moe' for the MoE shapes, else 'qwen3'."""
+    return "qwen3_moe" if "num_experts" in SHAPES[shape] else "qwen3"
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -46,8 +60,8 @@ def byte_tokenizer():
 
 
 def _config(arch: str, shape: dict, dtype: torch.dtype, vocab_size: int, tie: bool):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig}[arch]
     kw = dict(shape)
     kw.setdefault("vocab_size", vocab_size)
     if arch == "qwen2":
@@ -63,10 +77,28 @@ def _linear(g, n, k, dtype, std=0.02):
     return (torch.randn(n, k, generator=g) * std).to(dtype)
 
 
+def _mlp(cfg, i: int, g, dtype) -> dict:
+    """Layer i's MLP: dense gate/up/down, or (a Qwen3-MoE sparse layer) a float router `mlp.gate` and
+    one gate/up/down per expert, as Hugging Face checkpoints store them."""
+    h, p = cfg.hidden_size, f"model.layers.{i}.mlp."
+    experts = getattr(cfg, "num_experts", 0) or 0
+    if not experts or i in cfg.mlp_only_layers or (i + 1) % cfg.decoder_sparse_step:
+        inter = cfg.intermediate_size
+        return {p + "gate_proj.weight": _linear(g, inter, h, dtype), p + "up_proj.weight": _linear(g, inter, h, dtype),
+                p + "down_proj.weight": _linear(g, h, inter, dtype)}
+    inter = cfg.moe_intermediate_size
+    t = {p + "gate.weight": _linear(g, experts, h, dtype, std=0.1)}  # decisive enough routing
+    for e in range(experts):
+        q = f"{p}experts.{e}."
+        t.update({q + "gate_proj.weight": _linear(g, inter, h, dtype), q + "up_proj.weight": _linear(g, inter, h, dtype),
+                  q + "down_proj.weight": _linear(g, h, inter, dtype)})
+    return t
+
+
 def make_random_model(folder, arch: str = "qwen3", shape: str | dict = "tiny", dtype=torch.bfloat16,
                       layers: int | None = None, vocab_size: int = 512, tie: bool = False, outliers: bool = True,
                       seed: int = 0, tokenizer: bool = True) -> Path:
-    """Write a random `arch` model ('llama', 'qwen2', 'qwen3') of a named or given shape to `folder`."""
+    """Write a random `arch` model ('llama', 'qwen2', 'qwen3', 'qwen3_moe') of a named or given shape to `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shape = dict(SHAPES[shape] if isinstance(shape, str) else shape)
@@ -74,7 +106,11 @@ def make_random_model(folder, arch: str = "qwen3", shape: str | dict = "tiny", d
         shape["num_hidden_layers"] = layers
     cfg = _config(arch, shape, dtype, vocab_size, tie)
     cfg.save_pretrained(folder)
-    h, inter, nl = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    if arch == "qwen3_moe":  # the name Qwen3-MoE checkpoints (and transformers 4.x) use; 5.x maps it back
+        raw = json.loads((folder / "config.json").read_text())
+        raw["num_experts"] = raw.pop("num_local_experts")
+        (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    h, nl = cfg.hidden_size, cfg.num_hidden_layers
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or h // heads
     g = torch.Generator().manual_seed(seed)
@@ -102,14 +138,12 @@ def make_random_model(folder, arch: str = "qwen3", shape: str | dict = "tiny", d
             p + "self_attn.k_proj.weight": _linear(g, kv * hd, h, dtype),
             p + "self_attn.v_proj.weight": _linear(g, kv * hd, h, dtype),
             p + "self_attn.o_proj.weight": _linear(g, h, heads * hd, dtype),
-            p + "mlp.gate_proj.weight": _linear(g, inter, h, dtype),
-            p + "mlp.up_proj.weight": _linear(g, inter, h, dtype),
-            p + "mlp.down_proj.weight": _linear(g, h, inter, dtype),
         }
+        t.update(_mlp(cfg, i, g, dtype))
         if arch == "qwen2":
             for n, size in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
                 t[p + f"self_attn.{n}_proj.bias"] = (torch.randn(size, generator=g) * 0.5).to(dtype)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_moe"):
             t[p + "self_attn.q_norm.weight"] = (1.0 + 0.1 * torch.randn(hd, generator=g)).to(dtype)
             t[p + "self_attn.k_norm.weight"] = (1.0 + 0.1 * torch.randn(hd, generator=g)).to(dtype)
         flush(t, i, total)

@@ -1,5 +1,7 @@
 """SPEC §5 by the letter, independent of pdmix: a whole-model forward that reads a W8A8_MIX
-checkpoint's tensors and computes every quantized linear with exact integer arithmetic."""
+checkpoint's tensors and computes every quantized linear with exact integer arithmetic.
+W8A8_DYNAMIC linears (docs/moe.md) take the dynamic path on every row, with no bias; a Qwen3-MoE
+sparse layer routes one token at a time through its experts (transformers' arithmetic)."""
 
 import json
 from pathlib import Path
@@ -43,6 +45,11 @@ class Reference:
         return y.to(self.dtype)
 
     def linear(self, p: str, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
+        if p + ".weight_scale" in self.t and p + ".deq_scale" not in self.t:  # W8A8_DYNAMIC
+            w = self.t[p + ".weight"].to(torch.float64)
+            s = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            acc = torch.round(x.float() / s).double() @ w.T
+            return (acc.float() * s * self.t[p + ".weight_scale"].float().reshape(-1)).to(self.dtype)
         if p + ".deq_scale" not in self.t:  # kept float
             return F.linear(x, self.t[p + ".weight"], self.t.get(p + ".bias"))
         return torch.cat([self.quant_linear(p, x[:n_dynamic], True), self.quant_linear(p, x[n_dynamic:], False)])
@@ -53,6 +60,25 @@ class Reference:
         if p + ".bias" in self.t:
             y = (y.float() + self.t[p + ".bias"].float()).to(x.dtype)
         return y
+
+    def sparse_mlp(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        """Qwen3-MoE's block, token by token: fp32 softmax router, top-k, optional renormalization; each
+        chosen expert's output times its weight added in ascending expert order, in the model dtype."""
+        c = self.cfg
+        probs = F.linear(h, self.t[p + "gate.weight"]).float().softmax(-1)
+        weights, experts = probs.topk(c["num_experts_per_tok"], -1)
+        if c.get("norm_topk_prob"):
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(self.dtype)
+        out = []
+        for r in range(h.shape[0]):
+            y = torch.zeros(h.shape[1], dtype=self.dtype)
+            for w, e in sorted(zip(weights[r].tolist(), experts[r].tolist()), key=lambda we: we[1]):
+                q, x = f"{p}experts.{e}.", h[r:r + 1]
+                g, u = self.linear(q + "gate_proj", x, 1), self.linear(q + "up_proj", x, 1)
+                y = y + self.linear(q + "down_proj", F.silu(g) * u, 1)[0] * torch.tensor(w, dtype=self.dtype)
+            out.append(y)
+        return torch.stack(out)
 
     def forward(self, ids: list[int], n_dynamic: int) -> torch.Tensor:
         c, t = self.cfg, self.t
@@ -83,6 +109,9 @@ class Reference:
             o = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), v.float())
             x = x + self.linear(p + "self_attn.o_proj", o.to(self.dtype).reshape(n, heads * d), n_dynamic)
             h = self.rms(p + "post_attention_layernorm", x)
+            if p + "mlp.gate.weight" in t:
+                x = x + self.sparse_mlp(p + "mlp.", h)
+                continue
             g, u = self.linear(p + "mlp.gate_proj", h, n_dynamic), self.linear(p + "mlp.up_proj", h, n_dynamic)
             x = x + self.linear(p + "mlp.down_proj", F.silu(g) * u, n_dynamic)
         lm_head = t.get("lm_head.weight", t["model.embed_tokens.weight"])

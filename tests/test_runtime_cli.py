@@ -77,6 +77,17 @@ def test_chat_prompts_use_the_chat_template(tiny_models, capsys, tmp_path):
     assert rc == 0 and generated_ids(out) == [expected(None, chat), expected(None, two)]
 
 
+def one_and_two_ranks(args: list[str], timeout: int = 180):
+    """`python ARGS` in one process and under torchrun with two ranks, both succeeded: (one, two)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    return one, two
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_tokens_of_one_process(tiny_models, tmp_path):
     # m4 biases, msModelSlim storage, and rolled-back float layers: column- and row-parallel of both kinds
@@ -87,12 +98,7 @@ def test_torchrun_two_ranks_give_the_tokens_of_one_process(tiny_models, tmp_path
     args = ["-m", "pdmix.run_pa", "--model_path", str(ck), "--device", "cpu", "--ignore_eos", "--max_output_length",
             "10", "--print_ids", "--block_size", "4", "--max_batch_size", "2", "--max_prefill_tokens", "12",
             "--input_texts", "Hello world", "What's deep learning?"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
+    one, two = one_and_two_ranks(args)
     assert len(generated_ids(one.stdout)) == 2 and all(len(ids) == 10 for ids in generated_ids(one.stdout))
     assert generated_ids(two.stdout) == generated_ids(one.stdout)
     assert two.stdout.count("Question[0]") == 1 and "tp 2" in two.stdout  # only rank 0 prints

@@ -1,11 +1,11 @@
-"""quant_model_description.json: every tensor name -> "W8A8_MIX" or "FLOAT" (SPEC §2)."""
+"""quant_model_description.json: every tensor name -> "W8A8_MIX", "W8A8_DYNAMIC" (docs/moe.md) or "FLOAT" (SPEC §2)."""
 
 import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
 from pdmix.jsonfile import read_json_object
-from pdmix.format.names import DESCRIPTION_FILE, FLOAT, LEGACY_QUANT_TYPES, QUANT_TYPE, VERSION
+from pdmix.format.names import DESCRIPTION_FILE, DYNAMIC_TYPE, FLOAT, LEGACY_QUANT_TYPES, QUANT_TYPE, VERSION
 
 HEADER_KEYS = ("model_quant_type", "version")
 
@@ -33,7 +33,7 @@ def read_description(folder: Path) -> tuple[dict, dict[str, str]]:
             continue
         if kind in LEGACY_QUANT_TYPES:
             kind = QUANT_TYPE
-        if kind not in (QUANT_TYPE, FLOAT):
+        if kind not in (QUANT_TYPE, DYNAMIC_TYPE, FLOAT):
             raise PdmixError(f"{path}: tensor {name} has unknown type {kind!r}")
         types[name] = kind
     return header, types

@@ -16,10 +16,14 @@ import torch
 from pdmix.errors import PdmixError
 from pdmix.jsonfile import read_json_object
 from pdmix.format.description import read_description
-from pdmix.format.names import DESCRIPTION_FILE, FLOAT, INDEX_FILE, QUANT_SUFFIXES, QUANT_TYPE, WEIGHT_FILE
+from pdmix.format.names import (DESCRIPTION_FILE, DYNAMIC_TYPE, FLOAT, INDEX_FILE, QUANT_TYPE, SCHEME_TENSORS,
+                                WEIGHT_FILE)
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.models.arch import INPUT_GROUPS, LINEAR_NAMES
-from pdmix.schemes.w8a8_mix import TENSOR_SPEC, decode_deq_scale
+from pdmix.models.arch import INPUT_GROUPS, LINEAR_NAMES, ROUTER
+from pdmix.schemes import w8a8_dynamic, w8a8_mix
+from pdmix.schemes.w8a8_mix import decode_deq_scale
+
+TENSOR_SPECS = {QUANT_TYPE: w8a8_mix.TENSOR_SPEC, DYNAMIC_TYPE: w8a8_dynamic.TENSOR_SPEC}
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -81,20 +85,23 @@ def _expect_meta(st: SafetensorsFolder, name: str, dtypes: tuple[str, ...], shap
         raise _fail(st, name, f"shape {actual}, expected {shape}")
 
 
-def _check_layout(folder: Path, st: SafetensorsFolder, types: dict[str, str], prefix: str) -> None:
-    """All seven tensors of a quantized linear (SPEC §3), each labelled W8A8_MIX, with legal dtypes and shapes."""
-    for suffix in QUANT_SUFFIXES:
+def _check_layout(folder: Path, st: SafetensorsFolder, types: dict[str, str], prefix: str, kind: str) -> None:
+    """All tensors of a quantized linear of scheme `kind` (the seven of SPEC §3 for W8A8_MIX, three for
+    W8A8_DYNAMIC), each labelled with it, with legal dtypes and shapes."""
+    if prefix.endswith("." + ROUTER):
+        raise PdmixError(f"{folder / DESCRIPTION_FILE}: router {prefix} is labelled {kind}; a MoE router stays {FLOAT}")
+    for suffix in SCHEME_TENSORS[kind]:
         name = f"{prefix}.{suffix}"
         if name not in st:
             raise PdmixError(f"{folder}: quantized linear {prefix} lacks tensor {name}")
-        if types[name] != QUANT_TYPE:
+        if types[name] != kind:
             raise PdmixError(f"{folder / DESCRIPTION_FILE}: tensor {name} of quantized linear {prefix} "
-                             f"is labelled {types[name]}, expected {QUANT_TYPE}")
+                             f"is labelled {types[name]}, expected {kind}")
     dtype, shape = st.meta(f"{prefix}.weight")
     if dtype != "I8" or len(shape) != 2:
         raise _fail(st, f"{prefix}.weight", f"dtype {dtype} shape {shape}, expected I8 [n, k]")
     n = shape[0]
-    for suffix, (dtypes, shape) in TENSOR_SPEC.items():
+    for suffix, (dtypes, shape) in TENSOR_SPECS[kind].items():
         _expect_meta(st, f"{prefix}.{suffix}", dtypes, shape(n))
     bias = f"{prefix}.bias"
     if bias in st:
@@ -133,8 +140,8 @@ def check_all_finite(st: SafetensorsFolder) -> None:
     st.release()
 
 
-def _check_values(st: SafetensorsFolder, prefix: str, model_dtype: torch.dtype | None) -> None:
-    """SPEC §3-§4 on the values: symmetric int8 weight, legal activation parameters, consistent deq_scale."""
+def _check_weight_values(st: SafetensorsFolder, prefix: str) -> torch.Tensor:
+    """Both schemes' weight: symmetric int8, zero offsets, positive scales. Returns weight_scale."""
     def get(suffix):
         return st.get(f"{prefix}.{suffix}")
 
@@ -142,16 +149,25 @@ def _check_values(st: SafetensorsFolder, prefix: str, model_dtype: torch.dtype |
         raise _fail(st, f"{prefix}.weight", "contains -128, outside the symmetric range [-127, 127]")
     if _any(get("weight_offset"), lambda x: x != 0):
         raise _fail(st, f"{prefix}.weight_offset", "not all zero (weights are symmetric)")
+    weight_scale = get("weight_scale")
+    if _any(weight_scale, lambda x: ~(x > 0)):
+        i = int((~(weight_scale.reshape(-1) > 0)).nonzero()[0])
+        raise _fail(st, f"{prefix}.weight_scale", f"channel {i} is {float(weight_scale.reshape(-1)[i])}, not positive")
+    return weight_scale
+
+
+def _check_values(st: SafetensorsFolder, prefix: str, model_dtype: torch.dtype | None) -> None:
+    """SPEC §3-§4 on the values: symmetric int8 weight, legal activation parameters, consistent deq_scale."""
+    def get(suffix):
+        return st.get(f"{prefix}.{suffix}")
+
+    weight_scale = _check_weight_values(st, prefix)
     input_scale = get("input_scale")
     if not 0 < input_scale.item() < math.inf:
         raise _fail(st, f"{prefix}.input_scale", f"{input_scale.item()} is not a positive finite number")
     offset = get("input_offset").double().item()
     if not math.isfinite(offset) or offset != round(offset) or not -128 <= offset <= 127:
         raise _fail(st, f"{prefix}.input_offset", f"{offset} is not an integer in [-128, 127]")
-    weight_scale = get("weight_scale")
-    if _any(weight_scale, lambda x: ~(x > 0)):
-        i = int((~(weight_scale.reshape(-1) > 0)).nonzero()[0])
-        raise _fail(st, f"{prefix}.weight_scale", f"channel {i} is {float(weight_scale.reshape(-1)[i])}, not positive")
     deq = decode_deq_scale(get("deq_scale"))
     if _any(deq, lambda x: ~((x > 0) & torch.isfinite(x))):
         i = int((~((deq > 0) & torch.isfinite(deq))).nonzero()[0])
@@ -220,21 +236,21 @@ def _by_type(prefixes: list[str]) -> dict[str, dict]:
 
 
 def _float_linears(st: SafetensorsFolder, types: dict[str, str], quantized: set[str]) -> list[str]:
-    """Decoder-layer linears kept in float (rolled back): FLOAT 2-D weights inside model layers."""
+    """Decoder-layer linears kept in float (rolled back): FLOAT 2-D weights inside model layers (routers aside)."""
     out = []
     for name in st.names():
         prefix, _, suffix = name.rpartition(".")
-        if (suffix == "weight" and types[name] == FLOAT and prefix not in quantized
+        if (suffix == "weight" and types[name] == FLOAT and prefix not in quantized and not prefix.endswith("." + ROUTER)
                 and LAYER_RE.search(name) and len(st.meta(name)[1]) == 2):
             out.append(prefix)
     return out
 
 
-def _summary(folder, header, types, st, quantized, model_dtype) -> dict:
-    float_linears = _float_linears(st, types, set(quantized))
+def _summary(folder, header, types, st, quantized, dynamic, model_dtype) -> dict:
+    float_linears = _float_linears(st, types, set(quantized) | set(dynamic))
     shards = [{"file": f.name, "bytes": f.stat().st_size,
                "tensors": sum(1 for n in st.names() if st.file_of(n) == f)} for f in st.files]
-    n_quant = sum(1 for t in types.values() if t == QUANT_TYPE)
+    n_quant = sum(1 for t in types.values() if t in (QUANT_TYPE, DYNAMIC_TYPE))
     return {
         "path": str(folder),
         "model_quant_type": header["model_quant_type"],
@@ -245,6 +261,8 @@ def _summary(folder, header, types, st, quantized, model_dtype) -> dict:
         "float_tensors": len(types) - n_quant,
         "quantized_linears": len(quantized),
         "quantized_by_type": _by_type(quantized),
+        "dynamic_linears": len(dynamic),
+        "dynamic_by_type": _by_type(dynamic),
         "float_linears": len(float_linears),
         "float_by_type": _by_type(float_linears),
         "float_linear_names": float_linears,
@@ -274,18 +292,24 @@ def inspect_checkpoint(path) -> dict:
     header, types = _check_description(folder)
     st = _open_weights(folder)
     _check_coverage(folder, st, types)
-    quantized = list(dict.fromkeys(n.rpartition(".")[0] for n in st.names() if types[n] == QUANT_TYPE))
+    linears = {kind: list(dict.fromkeys(n.rpartition(".")[0] for n in st.names() if types[n] == kind))
+               for kind in SCHEME_TENSORS}
     for name in st.names():
-        if types[name] == QUANT_TYPE and name.rpartition(".")[2] not in QUANT_SUFFIXES:
-            raise PdmixError(f"{folder / DESCRIPTION_FILE}: tensor {name} is labelled {QUANT_TYPE} "
-                             f"but is none of the {len(QUANT_SUFFIXES)} tensors of a quantized linear")
-    for prefix in quantized:
-        _check_layout(folder, st, types, prefix)
+        kind = types[name]
+        if kind in SCHEME_TENSORS and name.rpartition(".")[2] not in SCHEME_TENSORS[kind]:
+            raise PdmixError(f"{folder / DESCRIPTION_FILE}: tensor {name} is labelled {kind} "
+                             f"but is none of the {len(SCHEME_TENSORS[kind])} tensors of a {kind} linear")
+    for kind, prefixes in linears.items():
+        for prefix in prefixes:
+            _check_layout(folder, st, types, prefix, kind)
     check_all_finite(st)
+    quantized, dynamic = linears[QUANT_TYPE], linears[DYNAMIC_TYPE]
     for prefix in releasing(st, quantized, suffix=".weight"):
         _check_values(st, prefix, model_dtype)
+    for prefix in releasing(st, dynamic, suffix=".weight"):
+        _check_weight_values(st, prefix)
     _check_input_groups(st, quantized)
-    return _summary(folder, header, types, st, quantized, model_dtype)
+    return _summary(folder, header, types, st, quantized, dynamic, model_dtype)
 
 
 # ---------------------------------------------------------------- the command
@@ -301,12 +325,15 @@ def _size(n: int) -> str:
 def format_summary(s: dict) -> str:
     lines = [f"{s['path']}: valid {s['model_quant_type']} checkpoint (version {s['version']}, "
              f"model dtype {s['model_dtype'] or 'unknown'})",
-             f"  tensors: {s['tensors']} ({s['quantized_tensors']} {QUANT_TYPE}, {s['float_tensors']} {FLOAT}), "
+             f"  tensors: {s['tensors']} ({s['quantized_tensors']} quantized, {s['float_tensors']} {FLOAT}), "
              f"{_size(s['total_bytes'])} in {len(s['shards'])} file(s)"
              + (f", index {s['index']}" if s["index"] else "")]
     lines += [f"    {sh['file']}  {_size(sh['bytes'])}  {sh['tensors']} tensors" for sh in s["shards"]]
     for title, count, groups in (("quantized linears", s["quantized_linears"], s["quantized_by_type"]),
+                                 (f"{DYNAMIC_TYPE} linears", s["dynamic_linears"], s["dynamic_by_type"]),
                                  ("float linears (rolled back)", s["float_linears"], s["float_by_type"])):
+        if title.startswith(DYNAMIC_TYPE) and not count:
+            continue
         lines.append(f"  {title}: {count}")
         lines += [f"    {leaf:<10} {g['count']:>4}" + (f"  layers {g['layers']}" if g["layers"] else "")
                   for leaf, g in groups.items()]

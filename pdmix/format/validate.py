@@ -12,12 +12,13 @@ from pathlib import Path
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.inspect import check_all_finite, inspect_checkpoint
-from pdmix.format.names import DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, WEIGHT_FILE
-from pdmix.models.arch import LINEAR_NAMES, config_dims, linear_prefix, linear_shape
+from pdmix.format.names import DESCRIPTION_FILE, DYNAMIC_TYPE, FLOAT, INDEX_FILE, QUANT_TYPE, WEIGHT_FILE
+from pdmix.models.arch import ROUTER, config_dims, is_sparse, layer_linears, linear_shape
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.models.config import ModelConfig
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 FLOAT_ST_DTYPES = ("BF16", "F16", "F32")
 ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -25,7 +26,7 @@ ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[list[int], bool]]:
     """name -> (shape, required) of every tensor a model of this config may hold (biases are optional:
     sources have them by design, outlier suppression adds them, SPEC §6)."""
-    h, out, dims = cfg.hidden_size, {}, config_dims(cfg)
+    h, out = cfg.hidden_size, {}
 
     def norm(name, size):
         out[name + ".weight"] = ([size], True)
@@ -40,10 +41,13 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[list[int], bool]]:
         if cfg.qk_norm:
             norm(f"model.layers.{i}.self_attn.q_norm", cfg.head_dim)
             norm(f"model.layers.{i}.self_attn.k_norm", cfg.head_dim)
-        for n in LINEAR_NAMES:
-            shape = list(linear_shape(dims, n))
-            out[linear_prefix(i, n) + ".weight"] = (shape, True)
-            out[linear_prefix(i, n) + ".bias"] = ([shape[0]], False)
+        if is_sparse(cfg, i):
+            out[f"model.layers.{i}.{ROUTER}.weight"] = ([cfg.num_experts, h], True)
+        dims = config_dims(cfg, i)
+        for prefix, lin in layer_linears(cfg, i):
+            shape = list(linear_shape(dims, lin.name))
+            out[prefix + ".weight"] = (shape, True)
+            out[prefix + ".bias"] = ([shape[0]], False)
     return out
 
 
@@ -55,6 +59,11 @@ def check_layer_count(cfg: ModelConfig, st: SafetensorsFolder) -> None:
         if m and int(m.group(1)) >= cfg.num_layers:
             raise PdmixError(f"{st.file_of(name)}: tensor {name} is beyond num_hidden_layers {cfg.num_layers} "
                              f"of {cfg.folder / 'config.json'}")
+        m = EXPERT_RE.match(name)
+        if m and not (is_sparse(cfg, int(m.group(1))) and int(m.group(2)) < cfg.num_experts):
+            what = (f"beyond num_experts {cfg.num_experts}" if is_sparse(cfg, int(m.group(1)))
+                    else f"an expert of layer {m.group(1)}, which config.json makes dense")
+            raise PdmixError(f"{st.file_of(name)}: tensor {name} is {what} ({cfg.folder / 'config.json'})")
 
 
 def check_tensors(cfg: ModelConfig, st: SafetensorsFolder, dtype_exact: bool, types: dict[str, str] | None = None) -> None:
@@ -72,7 +81,10 @@ def check_tensors(cfg: ModelConfig, st: SafetensorsFolder, dtype_exact: bool, ty
         dtype, actual = st.meta(name)
         if actual != shape:
             raise PdmixError(f"{st.file_of(name)}: tensor {name} has shape {actual}, expected {shape} from {config}")
-        if types and types.get(name) == QUANT_TYPE:
+        if types and name.endswith(f".{ROUTER}.weight") and types.get(name) != FLOAT:
+            raise PdmixError(f"{cfg.folder / DESCRIPTION_FILE}: router {name} is labelled {types.get(name)}; "
+                             f"a MoE router stays {FLOAT}")
+        if types and types.get(name) in (QUANT_TYPE, DYNAMIC_TYPE):
             continue
         if dtype not in FLOAT_ST_DTYPES or (dtype_exact and dtype != want and not name.endswith(".bias")):
             expected = want if dtype_exact else " or ".join(FLOAT_ST_DTYPES)

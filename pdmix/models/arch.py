@@ -3,6 +3,9 @@ do). Checkpoint checks, the quantizer (calibration groups, smoothing, rollback),
 parallelism and the benchmarks derive what they need from here.
 
 Llama, Qwen2 and Qwen3 share one decoder layer; they differ in q/k/v biases and q/k norms.
+Qwen3-MoE is Qwen3 whose sparse layers replace the MLP by a float router (`mlp.gate`) and experts
+(`mlp.experts.E.{gate,up,down}_proj`, the dense MLP's linears at `moe_intermediate_size`); its MLP
+linears, experts and dense ones alike, are W8A8_DYNAMIC (msModelSlim's `"*.mlp.*": "w8a8_dynamic"`).
 """
 
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ class Architecture:
     model_type: str  # config.json's "model_type"
     qkv_bias: bool   # q/k/v biases by design
     qk_norm: bool    # RMSNorm on q and k per head
+    moe: bool = False  # sparse layers: router + experts; MLP linears W8A8_DYNAMIC (docs/moe.md)
 
 
 LINEARS = (
@@ -55,6 +59,7 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("LlamaForCausalLM", "llama", qkv_bias=False, qk_norm=False),
     Architecture("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
     Architecture("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
+    Architecture("Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True, moe=True),
 )}
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
@@ -70,13 +75,49 @@ def linear_prefix(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{BY_NAME[name].block}.{name}"
 
 
+ROUTER = "mlp.gate"  # a sparse layer's router, [num_experts, hidden], always float
+
+
+def expert_prefix(layer: int, expert: int, name: str) -> str:
+    """HF name of an expert linear, e.g. model.layers.3.mlp.experts.7.down_proj."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{name}"
+
+
+def is_sparse(cfg, layer: int) -> bool:
+    """Whether a layer routes to experts (Qwen3-MoE: not in mlp_only_layers, every decoder_sparse_step-th)."""
+    return cfg.num_experts > 0 and layer not in cfg.mlp_only_layers and (layer + 1) % cfg.decoder_sparse_step == 0
+
+
+def layer_linears(cfg, layer: int) -> list[tuple[str, Linear]]:
+    """(HF name, Linear) of every linear of a decoder layer, experts included (not the router)."""
+    out = [(linear_prefix(layer, lin.name), lin) for lin in LINEARS if not (lin.block == "mlp" and is_sparse(cfg, layer))]
+    if is_sparse(cfg, layer):
+        out += [(expert_prefix(layer, e, lin.name), lin) for e in range(cfg.num_experts) for lin in LINEARS
+                if lin.block == "mlp"]
+    return out
+
+
+def static_groups(cfg) -> tuple[tuple[str, ...], ...]:
+    """The input groups quantized W8A8_MIX (static ranges observed, smoothed, rolled back by score):
+    all of them, or a MoE model's attention groups only (its MLP linears are W8A8_DYNAMIC)."""
+    moe = ARCHITECTURES[cfg.arch].moe
+    return tuple(g for g in INPUT_GROUPS if not (moe and BY_NAME[g[0]].block == "mlp"))
+
+
+def is_dynamic_linear(cfg, prefix: str) -> bool:
+    """Whether a linear takes the W8A8_DYNAMIC scheme (MoE models' MLP linears) rather than W8A8_MIX."""
+    return ARCHITECTURES[cfg.arch].moe and ".mlp." in prefix
+
+
 def dims(hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, int]:
     """The sizes a linear's shape is written in (`Linear.out_dim`, `in_dim`)."""
     return {"hidden": hidden_size, "inter": intermediate_size, "q": num_heads * head_dim, "kv": num_kv_heads * head_dim}
 
 
-def config_dims(cfg) -> dict[str, int]:
-    return dims(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+def config_dims(cfg, layer: int | None = None) -> dict[str, int]:
+    """dims of the config; of a sparse layer, "inter" is the experts' moe_intermediate_size."""
+    inter = cfg.moe_intermediate_size if layer is not None and is_sparse(cfg, layer) else cfg.intermediate_size
+    return dims(cfg.hidden_size, inter, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
 
 def linear_shape(d: dict[str, int], name: str) -> tuple[int, int]:

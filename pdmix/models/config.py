@@ -31,6 +31,12 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool
     max_position_embeddings: int
+    num_experts: int = 0             # Qwen3-MoE (0: a dense model)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     raw: dict = field(default_factory=dict, repr=False)
@@ -44,6 +50,7 @@ class ModelConfig:
 
 # Upper bounds far above any real model: they stop a typo (1e8 layers) before memory is sized from it.
 MAX_DIM, MAX_LAYERS, MAX_HEADS, MAX_VOCAB, MAX_POSITIONS = 1 << 20, 1 << 12, 1 << 12, 1 << 24, 1 << 24
+MAX_EXPERTS = 1 << 14
 
 
 class _Fields:
@@ -125,6 +132,23 @@ def _check_rope(raw: dict, path: Path) -> None:
         raise PdmixError(f"{path}: rope_theta is {theta!r}, expected a finite number above 1")
 
 
+def _moe_fields(f: _Fields, num_layers: int) -> dict:
+    """Qwen3-MoE's routing fields (num_experts, or transformers 5's num_local_experts)."""
+    key = "num_experts" if "num_experts" in f.raw or "num_local_experts" not in f.raw else "num_local_experts"
+    experts = f.int(key, 1, MAX_EXPERTS)
+    top_k = f.int("num_experts_per_tok", 1, MAX_EXPERTS)
+    if top_k > experts:
+        raise f.fail("num_experts_per_tok", f"is {top_k}, more than the model's {experts} experts ({key})")
+    only = f.raw.get("mlp_only_layers") or []
+    if not (isinstance(only, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers
+                                           for i in only)):
+        raise f.fail("mlp_only_layers", f"is {only!r}, expected a list of layer indices below {num_layers}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=f.int("moe_intermediate_size", 1, MAX_DIM),
+                norm_topk_prob=f.bool("norm_topk_prob"), decoder_sparse_step=f.int("decoder_sparse_step", 1, MAX_LAYERS, 1),
+                mlp_only_layers=tuple(only))
+
+
 def load_config(folder: str | Path) -> ModelConfig:
     """config.json (and generation_config.json's eos ids), every field pdmix uses type- and range-checked."""
     folder = Path(folder)
@@ -156,11 +180,12 @@ def load_config(folder: str | Path) -> ModelConfig:
         eos = sorted(set(eos) | set(_Fields(read_json_object(gen_cfg), gen_cfg).token_ids("eos_token_id", vocab)))
     bos = f.token_ids("bos_token_id", vocab)
     _check_rope(raw, path)
+    num_layers = f.int("num_hidden_layers", 1, MAX_LAYERS)
     return ModelConfig(
         arch=arch,
         hidden_size=hidden,
         intermediate_size=f.int("intermediate_size", 1, MAX_DIM),
-        num_layers=f.int("num_hidden_layers", 1, MAX_LAYERS),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -173,6 +198,7 @@ def load_config(folder: str | Path) -> ModelConfig:
         mlp_bias=f.bool("mlp_bias"),
         qk_norm=qk_norm,
         max_position_embeddings=f.int("max_position_embeddings", 1, MAX_POSITIONS, default=32768),
+        **(_moe_fields(f, num_layers) if ARCHITECTURES[arch].moe else {}),
         eos_token_ids=eos,
         bos_token_id=bos[0] if bos else None,
         raw=raw,

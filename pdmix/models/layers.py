@@ -167,13 +167,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, linears: dict[str, nn.Module], norms: dict[str, RMSNorm],
-                 tp_size: int = 1):
+                 tp_size: int = 1, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = norms["input_layernorm"]
         self.post_attention_layernorm = norms["post_attention_layernorm"]
         self.self_attn = Attention(layer_idx, cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size, cfg.head_dim,
                                    linears, norms.get("q_norm"), norms.get("k_norm"))
-        self.mlp = MLP(linears)
+        self.mlp = MLP(linears) if mlp is None else mlp  # mlp: a sparse layer's block (pdmix.models.moe)
 
     def fuse(self) -> "DecoderLayer":
         """Fuse the linears that read one input (q/k/v, gate/up) for the runtime: one input quantization

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdmix import kernels
-from pdmix.schemes import w8a8_mix
+from pdmix.schemes import w8a8_dynamic, w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 MODES = ("pdmix", "dynamic", "static")
@@ -126,6 +126,19 @@ class W8A8MixLinear(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+class W8A8DynamicLinear(W8A8MixLinear):
+    """A W8A8_DYNAMIC linear (MoE models' experts and MLPs): every row on the dynamic path, whatever
+    the split says, through the same kernel backends."""
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], out_dtype: torch.dtype, name: str = "",
+                     bias_float: torch.Tensor | None = None, backend: str | None = None) -> "W8A8DynamicLinear":
+        return cls(w8a8_dynamic.params_from_tensors(t, name, bias_float), out_dtype, name, backend)
+
+    def forward(self, x: torch.Tensor, split: RowSplit | torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, None)
+
+
 def fuse_linears(mods: list[nn.Module], name: str) -> nn.Module | None:
     """One linear computing several that read the same input (q/k/v, gate/up), outputs concatenated;
     None when they are of different kinds (one rolled back to float, say), row-parallel shards, or
@@ -136,10 +149,11 @@ def fuse_linears(mods: list[nn.Module], name: str) -> nn.Module | None:
         biases = [m.bias if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in mods]
         has_bias = any(m.bias is not None for m in mods)
         return FloatLinear(torch.cat([m.weight for m in mods]), torch.cat(biases) if has_bias else None)
-    if not all(type(m) is W8A8MixLinear and m.kernel is None for m in mods):
+    kind = type(mods[0])
+    if kind not in (W8A8MixLinear, W8A8DynamicLinear) or not all(type(m) is kind and m.kernel is None for m in mods):
         return None
     params = w8a8_mix.concat([m.params for m in mods], [m.name for m in mods])
-    return W8A8MixLinear(params, mods[0].out_dtype, name, mods[0].backend)
+    return kind(params, mods[0].out_dtype, name, mods[0].backend)
 
 
 def prepare_kernels(model: nn.Module, backend: str | None = None) -> None:

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 
 from pdmix.errors import PdmixError
-from pdmix.models.arch import LINEAR_NAMES
+from pdmix.models.arch import is_dynamic_linear, layer_linears
 
 
 @dataclass
@@ -42,10 +42,11 @@ class QuantConfig:
         if self.calib_max_len > cfg.max_position_embeddings:
             raise PdmixError(f"--calib_max_len {self.calib_max_len}: the model has max_position_embeddings "
                              f"{cfg.max_position_embeddings}; calibrating past it measures positions it never sees")
-        n, total = self.rollback_count(), len(LINEAR_NAMES) * cfg.num_layers
+        n = self.rollback_count()
+        total = sum(not is_dynamic_linear(cfg, p) for i in range(cfg.num_layers) for p, _ in layer_linears(cfg, i))
         if n is not None and n >= total:
-            raise PdmixError(f"--disable_level {self.disable_level}: the model has {total} linears, so nothing would "
-                             f"be quantized; use at most L{total - 1}")
+            raise PdmixError(f"--disable_level {self.disable_level}: the model has {total} W8A8_MIX linears, so "
+                             f"nothing would be quantized; use at most L{total - 1}")
 
     def rollback_count(self) -> int | None:
         """n of 'Ln', or None for a budget ('auto:<pct>')."""
@@ -64,6 +65,9 @@ RECIPES = {
     # What docs/accuracy.md measured best on SmolLM2: m4, then the fewest sensitive linears kept float
     # that bring the static path within 1% of float perplexity on the calibration prompts.
     "best": dict(anti_method="m4", alpha=0.5, observer="minmax", disable_level="auto:1"),
+    # msModelSlim's lab_practice/qwen3_moe/qwen3-30b-a3b-w8a8.yaml: m4 (which skips experts), no rollback;
+    # the MLP linears' W8A8_DYNAMIC scheme comes with the architecture (docs/moe.md)
+    "Qwen3-30B-A3B": dict(anti_method="m4", alpha=0.5, disable_level="L0", calib_max_samples=48),
 }
 
 

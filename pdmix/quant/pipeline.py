@@ -25,18 +25,21 @@ from pdmix.format.validate import check_all_finite, check_not_quantized, check_t
 from pdmix.paths import check_no_overlap
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
-from pdmix.format.names import FLOAT, QUANT_TYPE
+from pdmix.format.names import DYNAMIC_TYPE, FLOAT, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
-from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, linear_prefix
+from pdmix.models.arch import (BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, is_dynamic_linear, layer_linears,
+                               linear_prefix, static_groups)
 from pdmix.models.config import ModelConfig, load_config
 from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms, packed_causal_attention
-from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
+from pdmix.models.linear import FloatLinear, RowSplit, W8A8DynamicLinear, W8A8MixLinear
+from pdmix.models.moe import decoder_layer
 from pdmix.quant import calib, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, make_observer
+from pdmix.schemes import w8a8_dynamic
 from pdmix.tokenizer import load_tokenizer
 
 GROUP_NAME = {g: name for name, g in GROUPS.items()}  # ("q_proj","k_proj","v_proj") -> "qkv"
@@ -76,23 +79,23 @@ def load_layer(st: SafetensorsFolder, i: int) -> dict[str, torch.Tensor]:
 
 def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized: dict | None = None,
                 device=None) -> DecoderLayer:
-    """A decoder layer from float tensors; linears named in `quantized` become W8A8_MIX."""
-    linears = {}
-    for n in LINEAR_NAMES:
-        p = linear_prefix(i, n)
+    """A decoder layer from float tensors; linears named in `quantized` become W8A8_MIX (or, a MoE
+    model's MLP linears, W8A8_DYNAMIC)."""
+    def make(p):
         if quantized and p in quantized:
-            linears[n] = W8A8MixLinear.from_tensors({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p,
-                                                      backend="reference")
-        else:
-            linears[n] = FloatLinear(t[p + ".weight"], t.get(p + ".bias"))
-    layer = DecoderLayer(cfg, i, linears, layer_norms(cfg, i, t.__getitem__, t.__contains__))
+            kind = W8A8DynamicLinear if is_dynamic_linear(cfg, p) else W8A8MixLinear
+            return kind.from_tensors({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p,
+                                     backend="reference")
+        return FloatLinear(t[p + ".weight"], t.get(p + ".bias"))
+    layer = decoder_layer(cfg, i, make, t.__getitem__, layer_norms(cfg, i, t.__getitem__, t.__contains__))
     return layer.to(device) if device is not None else layer
 
 
-def observe_inputs(layer: DecoderLayer, on_input):
-    """Call on_input(group, x) with the input of each linear group on every forward; returns hook handles."""
+def observe_inputs(layer: DecoderLayer, on_input, groups=INPUT_GROUPS):
+    """Call on_input(group, x) with the input of each linear group of `groups` (those quantized W8A8_MIX:
+    arch.static_groups) on every forward; returns hook handles."""
     handles = []
-    for group in INPUT_GROUPS:
+    for group in groups:
         first = group[0]
         lin = getattr(getattr(layer, BY_NAME[first].block), first)
         handles.append(lin.register_forward_pre_hook(lambda m, args, g=group: on_input(g, args[0])))
@@ -187,15 +190,15 @@ def analysis_pass(cfg, st, cal: Calibration, config: QuantConfig, spill: Path, l
                 stats = {}
                 layer = build_layer(cfg, i, t, device=cal.device)
                 hooks = observe_inputs(layer, lambda g, x: stats.setdefault(
-                    GROUP_NAME[g], ChannelStats.empty(x.shape[-1])).update(x.cpu()))
+                    GROUP_NAME[g], ChannelStats.empty(x.shape[-1])).update(x.cpu()), static_groups(cfg))
                 cal.run(layer, keep=False)
                 for h in hooks:
                     h.remove()
                 t = anti_outlier(config.anti_method, cfg, i, t, stats, config.alpha)
                 save_file({k: v.contiguous() for k, v in t.items()}, str(spill / f"layer{i:05d}.safetensors"))
-            inputs = {g: rollback.InputStats() for g in INPUT_GROUPS}
+            inputs = {g: rollback.InputStats() for g in static_groups(cfg)}
             layer = build_layer(cfg, i, t, device=cal.device)
-            hooks = observe_inputs(layer, lambda g, x: inputs[g].update(x))
+            hooks = observe_inputs(layer, lambda g, x: inputs[g].update(x), static_groups(cfg))
             cal.run(layer)
             for h in hooks:
                 h.remove()
@@ -212,18 +215,18 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
         for i in range(cfg.num_layers):
             source = load_layer(st, i)
             t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else source
-            observers = {g: make_observer(config.observer) for g in INPUT_GROUPS}
+            observers = {g: make_observer(config.observer) for g in static_groups(cfg)}
             layer = build_layer(cfg, i, t, device=cal.device)
             chunk = [0]
 
             def observe(g, x):  # an observer sees each calibration prompt as one forward (SPEC §4)
                 for rows in cal.prompts(x, chunk[0]):
                     observers[g].update(rows)
-            hooks = observe_inputs(layer, observe)
+            hooks = observe_inputs(layer, observe, static_groups(cfg))
             cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
             del layer, hooks
             out, types, quantized = {}, {}, {}
-            for group in INPUT_GROUPS:
+            for group in static_groups(cfg):
                 scale, offset = observers[group].params(cfg.dtype)
                 for n in group:
                     p = linear_prefix(i, n)
@@ -241,6 +244,17 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                     types.update(dict.fromkeys(q, QUANT_TYPE))
                     if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
                         out[p + ".bias"] = b
+            for p in (p for p, _ in layer_linears(cfg, i) if is_dynamic_linear(cfg, p)):
+                if p in float_linears:
+                    out.update({k: t[k] for k in (p + ".weight", p + ".bias") if k in t})
+                    continue
+                q = {f"{p}.{k}": v for k, v in w8a8_dynamic.quantize(t.pop(p + ".weight")).items()}
+                source.pop(p + ".weight", None)
+                quantized[p] = q
+                out.update(q)
+                types.update(dict.fromkeys(q, DYNAMIC_TYPE))
+                if p + ".bias" in t:
+                    out[p + ".bias"] = t[p + ".bias"]
             for name, v in t.items():
                 if name.rpartition(".")[0].rpartition(".")[2] not in LINEAR_NAMES:
                     out[name] = v  # norms, their SPEC §6 biases
@@ -308,7 +322,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def choose_float_linears(cfg, config: QuantConfig, scores, log: Log) -> set[str]:
-    by_name = rollback.expand_names(config.disable_names, cfg.num_layers)
+    by_name = rollback.expand_names(config.disable_names, cfg.num_layers, cfg)
     for p in sorted(by_name):
         log(f"rollback {p} (--disable_names)")
     top = rollback.most_sensitive(scores, config.rollback_count() or 0)
@@ -338,7 +352,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     auto = n_rollback is None
     st = SafetensorsFolder(model_path, quantized=False)
     check_tensors(cfg, st, dtype_exact=True)  # names, shapes, dtypes against config.json (headers only)
-    rollback.expand_names(config.disable_names, cfg.num_layers)
+    rollback.expand_names(config.disable_names, cfg.num_layers, cfg)
     prompts = calib.read_prompts(config.calib_file, config.calib_max_samples)
     tokenizer = load_tokenizer(model_path)
     ids = calib.tokenize(tokenizer, prompts, config.calib_max_len)
@@ -374,8 +388,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
             shutil.rmtree(spill)
         copy_side_files(model_path, out)
         check_output(out, save_path)
-    n_quant = cfg.num_layers * len(LINEAR_NAMES) - len(float_linears)
-    log(f"wrote {save_path}: {n_quant} linears W8A8_MIX, {len(float_linears)} float, {len(files)} file(s) "
+    n_quant = sum(len(layer_linears(cfg, i)) for i in range(cfg.num_layers)) - len(float_linears)
+    log(f"wrote {save_path}: {n_quant} linears quantized, {len(float_linears)} float, {len(files)} file(s) "
         f"in {time.time() - t0:.1f}s")
     return Path(save_path)
 

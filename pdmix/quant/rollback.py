@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.models.arch import INPUT_GROUPS, linear_prefix
+from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, layer_linears, linear_prefix
 
 
 @dataclass
@@ -37,13 +37,20 @@ def group_prefixes(layer: int, group: tuple[str, ...]) -> list[str]:
     return [linear_prefix(layer, n) for n in group]
 
 
-def expand_names(names, num_layers: int) -> set[str]:
-    """--disable_names: full linear names (model.layers.3.mlp.down_proj); a name brings its group."""
+def expand_names(names, num_layers: int, cfg=None) -> set[str]:
+    """--disable_names: full linear names (model.layers.3.mlp.down_proj, or with cfg a MoE model's
+    model.layers.3.mlp.experts.7.down_proj); a name brings the linears that read its input."""
     chosen = set()
+    linears = {p for i in range(num_layers) for p, _ in layer_linears(cfg, i)} if cfg is not None else set()
     for name in names:
         if name in ("lm_head", "model.embed_tokens"):
             continue  # always float
-        found = [g for i in range(num_layers) for g in INPUT_GROUPS if name in group_prefixes(i, g)]
+        if ".experts." in name and name in linears:
+            base, _, leaf = name.rpartition(".")
+            chosen.update(f"{base}.{n}" for n in GROUPS[BY_NAME[leaf].group])
+            continue
+        found = [g for i in range(num_layers) for g in INPUT_GROUPS if name in group_prefixes(i, g)
+                 and (cfg is None or name in linears)]
         if not found:
             raise PdmixError(f"--disable_names {name}: no such linear (expected e.g. {linear_prefix(0, 'down_proj')})")
         layer = int(name.split(".")[2])

@@ -26,6 +26,7 @@ import torch.fx.experimental._config as fx_config
 from pdmix.errors import PdmixError
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
 from pdmix.models.model import CausalLM, run_layers
+from pdmix.models.moe import SparseMoE
 
 _step = {"attn": None}
 
@@ -52,6 +53,8 @@ def graph_layers(layers, norm, x, cos, sin, dynamic):
 def unsupported(model: CausalLM) -> str | None:
     """Why the model's stack cannot be compiled (None if it can)."""
     for name, m in model.named_modules():
+        if isinstance(m, SparseMoE):
+            return f"{name} is a MoE block, whose rows are grouped by expert into data-dependent shapes"
         if isinstance(m, W8A8MixLinear) and not hasattr(m.kernel, "apply_masked"):
             return f"{m.name or name} runs on the {m.kernel.name} kernel, which has no graph form (use --kernel onednn)"
         if isinstance(m, (W8A8MixLinear, FloatLinear)) and m.row_parallel:

@@ -11,16 +11,17 @@ import torch
 from torch import nn
 
 from pdmix.format.description import is_quant_checkpoint, read_description
-from pdmix.format.names import QUANT_SUFFIXES, QUANT_TYPE
+from pdmix.format.names import DYNAMIC_TYPE, QUANT_SUFFIXES, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.models.arch import BY_NAME, LINEAR_NAMES, linear_prefix
+from pdmix.models.arch import BY_NAME, layer_linears
 from pdmix.models.config import ModelConfig
-from pdmix.models.layers import DecoderLayer, RMSNorm, layer_norms
-from pdmix.models.linear import FloatLinear, W8A8MixLinear, prepare_kernels
+from pdmix.models.layers import RMSNorm, layer_norms
+from pdmix.models.linear import FloatLinear, W8A8DynamicLinear, W8A8MixLinear, prepare_kernels
 from pdmix.models.model import CausalLM
+from pdmix.models.moe import decoder_layer
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.tp import TP
-from pdmix.schemes import w8a8_mix
+from pdmix.schemes import w8a8_dynamic, w8a8_mix
 
 
 def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: str | None = None) -> CausalLM:
@@ -33,9 +34,9 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     get = tensor_getter(reader, cfg.dtype)
     layers = []
     for i in range(cfg.num_layers):
-        linears = {n: build_linear(cfg, get, reader, types, linear_prefix(i, n), tp) for n in LINEAR_NAMES}
         norms = layer_norms(cfg, i, get, reader.__contains__)
-        layer = DecoderLayer(cfg, i, linears, norms, tp.size).fuse().to(device)
+        make = lambda prefix: build_linear(cfg, get, reader, types, prefix, tp)
+        layer = decoder_layer(cfg, i, make, get, norms, tp.size).fuse().to(device)
         prepare_kernels(layer, kernel)  # layer by layer: prepacking copies a weight, so one layer's copy at a time
         layers.append(layer)
     embed = get("model.embed_tokens.weight").to(device)
@@ -45,9 +46,9 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
     reader.release()  # every tensor is a copy now: unmap the files, so their pages stop counting as ours
     if tp.is_main:
-        n_quant = sum(types.get(linear_prefix(i, n) + ".weight") == QUANT_TYPE
-                      for i in range(cfg.num_layers) for n in LINEAR_NAMES)
-        kind = f"W8A8_MIX, {n_quant} of {len(LINEAR_NAMES) * cfg.num_layers} linears quantized" if quantized else "float"
+        prefixes = [p for i in range(cfg.num_layers) for p, _ in layer_linears(cfg, i)]
+        n_quant = sum(types.get(p + ".weight") in (QUANT_TYPE, DYNAMIC_TYPE) for p in prefixes)
+        kind = f"W8A8_MIX, {n_quant} of {len(prefixes)} linears quantized" if quantized else "float"
         print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
               file=sys.stderr)
     return CausalLM(cfg, embed, layers, norm, lm_head).to(device)
@@ -70,6 +71,10 @@ def build_linear(cfg: ModelConfig, get, reader: SafetensorsFolder, types: dict[s
     if types.get(prefix + ".weight") == QUANT_TYPE:
         t = {s: get(f"{prefix}.{s}") for s in QUANT_SUFFIXES[1:]}
         return w8a8_linear(cfg, dict(t, weight=weight), prefix, column, tp)
+    if types.get(prefix + ".weight") == DYNAMIC_TYPE:
+        t = {s: get(f"{prefix}.{s}") for s in w8a8_dynamic.TENSORS[1:]}
+        bias = get(prefix + ".bias") if prefix + ".bias" in reader else None
+        return dynamic_linear(cfg, dict(t, weight=weight), bias, prefix, column, tp)
     bias = get(prefix + ".bias") if prefix + ".bias" in reader else None
     return float_linear(weight, bias, prefix, column, tp)
 
@@ -101,3 +106,19 @@ def w8a8_linear(cfg: ModelConfig, t: dict[str, torch.Tensor], prefix: str, colum
         lin.reduce, lin.reduce_max = tpm.all_reduce_sum, tpm.all_reduce_max
         return lin
     return W8A8MixLinear.from_tensors(t, cfg.dtype, prefix)
+
+
+def dynamic_linear(cfg: ModelConfig, t: dict[str, torch.Tensor], bias, prefix: str, column: bool,
+                   tp: TP) -> W8A8DynamicLinear:
+    """A W8A8_DYNAMIC linear, sharded as w8a8_linear shards (row-parallel: the whole layer's epilogue
+    after the all-reduce of the int32 accumulator and the per-token absmax)."""
+    if tp.size > 1 and column:
+        t = w8a8_dynamic.shard_column(t, tp.rank, tp.size)
+        bias = None if bias is None else tpm.shard(bias, 0, tp)
+    elif tp.size > 1:
+        full = w8a8_dynamic.params_from_tensors(t, prefix, bias)
+        full.weight = tpm.shard(t["weight"], 1, tp)
+        lin = W8A8DynamicLinear(full, cfg.dtype, prefix)
+        lin.reduce, lin.reduce_max = tpm.all_reduce_sum, tpm.all_reduce_max
+        return lin
+    return W8A8DynamicLinear.from_tensors(t, cfg.dtype, prefix, bias)

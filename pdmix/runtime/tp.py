@@ -47,7 +47,7 @@ def shutdown() -> None:
 
 def check_divisible(cfg, size: int) -> None:
     for what, n in (("attention heads", cfg.num_heads), ("key/value heads", cfg.num_kv_heads),
-                    ("intermediate size", cfg.intermediate_size)):
+                    ("intermediate size", cfg.intermediate_size), ("expert intermediate size", cfg.moe_intermediate_size)):
         if n % size:
             raise PdmixError(f"{cfg.folder}: tensor parallel size {size} does not divide its {n} {what}")
 

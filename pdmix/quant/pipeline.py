@@ -32,7 +32,7 @@ from pdmix.models.arch import BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, linea
 from pdmix.models.config import ModelConfig, load_config
 from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms, packed_causal_attention
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8MixLinear
-from pdmix.quant import calib, rollback
+from pdmix.quant import calib, gptq, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.config import QuantConfig
@@ -221,10 +221,17 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                     observers[g].update(rows)
             hooks = observe_inputs(layer, observe)
             cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
-            del layer, hooks
+            for h in hooks:
+                h.remove()
+            params = {g: observers[g].params(cfg.dtype) for g in INPUT_GROUPS}
+            moments = {}
+            if config.w_method == "gptq":  # a second forward: GPTQ's input moments, given the static quantizers
+                todo = {g for g in INPUT_GROUPS if any(linear_prefix(i, n) not in float_linears for n in g)}
+                moments = gptq.collect_moments(layer, lambda m: cal.run(m, keep=False), observe_inputs, todo, params)
+            del layer
             out, types, quantized = {}, {}, {}
             for group in INPUT_GROUPS:
-                scale, offset = observers[group].params(cfg.dtype)
+                scale, offset = params[group]
                 for n in group:
                     p = linear_prefix(i, n)
                     w, b = t[p + ".weight"], t.get(p + ".bias")
@@ -233,7 +240,8 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                         if b is not None:
                             out[p + ".bias"] = b
                         continue
-                    q = quantize_linear(w, b, scale, offset).tensors(p)
+                    rounded = gptq.gptq_weight(w, moments[group]) if group in moments else None
+                    q = quantize_linear(w, b, scale, offset, rounded).tensors(p)
                     del w
                     t.pop(p + ".weight"), source.pop(p + ".weight", None)  # float copy no longer needed
                     quantized[p] = q
@@ -327,6 +335,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         raise PdmixError(f"--anti_method {config.anti_method}: expected one of {', '.join(METHODS)}")
     if config.observer not in OBSERVERS:
         raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
+    if config.w_method not in gptq.W_METHODS:
+        raise PdmixError(f"--w_method {config.w_method}: expected one of {', '.join(gptq.W_METHODS)}")
     check_no_overlap(model_path, save_path)
     check_target(Path(save_path), overwrite)
     device = resolve_device(config.device)
@@ -345,7 +355,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     check_all_finite(st)  # last: it reads every tensor
     log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
-        f"rollback {config.disable_level}; device {device}")
+        f"w_method {config.w_method}, rollback {config.disable_level}; device {device}")
 
     with atomic_dir(save_path, overwrite) as out:
         cal = Calibration(cfg, st, ids, device)

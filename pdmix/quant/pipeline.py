@@ -216,22 +216,19 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
             layer = build_layer(cfg, i, t, device=cal.device)
             chunk = [0]
 
+            hessians = gptq.Hessians(g for g in INPUT_GROUPS if config.w_method == "gptq"
+                                     and any(linear_prefix(i, n) not in float_linears for n in g))
+
             def observe(g, x):  # an observer sees each calibration prompt as one forward (SPEC §4)
                 for rows in cal.prompts(x, chunk[0]):
                     observers[g].update(rows)
+                hessians.update(g, x)
             hooks = observe_inputs(layer, observe)
             cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
-            for h in hooks:
-                h.remove()
-            params = {g: observers[g].params(cfg.dtype) for g in INPUT_GROUPS}
-            moments = {}
-            if config.w_method == "gptq":  # a second forward: GPTQ's input moments, given the static quantizers
-                todo = {g for g in INPUT_GROUPS if any(linear_prefix(i, n) not in float_linears for n in g)}
-                moments = gptq.collect_moments(layer, lambda m: cal.run(m, keep=False), observe_inputs, todo, params)
-            del layer
+            del layer, hooks
             out, types, quantized = {}, {}, {}
             for group in INPUT_GROUPS:
-                scale, offset = params[group]
+                scale, offset = observers[group].params(cfg.dtype)
                 for n in group:
                     p = linear_prefix(i, n)
                     w, b = t[p + ".weight"], t.get(p + ".bias")
@@ -240,7 +237,7 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                         if b is not None:
                             out[p + ".bias"] = b
                         continue
-                    rounded = gptq.gptq_weight(w, moments[group]) if group in moments else None
+                    rounded = hessians.round(group, w) if group in hessians.h else None
                     q = quantize_linear(w, b, scale, offset, rounded).tensors(p)
                     del w
                     t.pop(p + ".weight"), source.pop(p + ".weight", None)  # float copy no longer needed

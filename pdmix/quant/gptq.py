@@ -46,14 +46,16 @@ class Hessians:
 
 
 def inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening: never-seen inputs (zero diagonal) get a unit
-    diagonal, then DAMP x the mean diagonal is added (raised until H is positive definite)."""
-    h = h.clone()
+    """Upper Cholesky factor of H^-1 after dampening, which is done in place on h (a copy): never-seen
+    inputs (zero diagonal) get a unit diagonal, then DAMP x the mean diagonal is added (raised until H
+    is positive definite)."""
     diag = h.diagonal()
     diag[diag == 0] = 1
-    mean = diag.mean()
+    mean, added = diag.mean(), 0.0
     for damp in (DAMP, 0.1, 1.0, 10.0):
-        l, info = torch.linalg.cholesky_ex(h + damp * mean * torch.eye(len(h), device=h.device))
+        diag += (damp - added) * mean
+        added = damp
+        l, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
     raise ValueError("the calibration inputs' Hessian is not positive definite even after dampening")
@@ -65,8 +67,8 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int
     columns in decreasing order of h's diagonal (act-order), in blocks with lazy updates. int8 [n, k]."""
     w = w.to(torch.float32).clone()
     perm = torch.argsort(h.diagonal(), descending=True)
-    w, h = w[:, perm], h[perm][:, perm]
-    u = inverse_hessian_factor(h)
+    w = w[:, perm]
+    u = inverse_hessian_factor(h[perm][:, perm])
     q = torch.empty_like(w)
     k = w.shape[1]
     for i1 in range(0, k, block):

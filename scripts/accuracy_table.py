@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (fetched by pdmix), WikiText-2 valid: calibrate on the first quarter of its
 tokens, evaluate perplexity on the rest (ctx 512, non-overlapping windows) through the pdmix
-runtime, for float and each recipe in {none, smooth, m4} x {minmax, mse} x {L0, L10, auto}, per
-path (dynamic, static, pdmix). Greedy-token agreement with float (20 chat prompts, 64 new tokens)
+runtime, for float and each recipe in {none, smooth, m4} x {minmax, mse} x {L0, L10, auto} x
+{minmax, gptq weight rounding} (--w_methods), per path (dynamic, static, pdmix). Greedy-token agreement with float (20 chat prompts, 64 new tokens)
 for the recipes named by --agreement.
 
     python scripts/accuracy_table.py --out out/accuracy --windows 20
@@ -23,6 +23,7 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 ANTI = ("none", "smooth", "m4")
 OBSERVERS = ("minmax", "mse")
 LEVELS = ("L0", "L10", "auto:1")
+W_METHODS = ("minmax",)
 
 
 def write_calibration(tokenizer, data: Path, path: Path, samples: int, tokens: int) -> None:
@@ -35,8 +36,8 @@ def write_calibration(tokenizer, data: Path, path: Path, samples: int, tokens: i
             f.write(json.dumps({"inputs_pretokenized": tokenizer.decode(quarter[start:start + tokens])}) + "\n")
 
 
-def recipe_name(anti, observer, level) -> str:
-    return f"{anti}-{observer}-{level.replace(':', '')}"
+def recipe_name(anti, observer, level, w_method="minmax") -> str:
+    return f"{anti}-{observer}-{level.replace(':', '')}" + ("" if w_method == "minmax" else f"-{w_method}")
 
 
 def main() -> int:
@@ -50,6 +51,7 @@ def main() -> int:
     ap.add_argument("--anti", nargs="+", default=list(ANTI))
     ap.add_argument("--observers", nargs="+", default=list(OBSERVERS))
     ap.add_argument("--levels", nargs="+", default=list(LEVELS))
+    ap.add_argument("--w_methods", nargs="+", default=list(W_METHODS), help="weight rounding: minmax, gptq")
     ap.add_argument("--agreement", nargs="*", default=[], help="recipe names to measure greedy agreement for")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "accuracy.md"))
     args = ap.parse_args()
@@ -75,14 +77,14 @@ def main() -> int:
     if "float" not in results:
         results["float"] = evaluate(model, **common)
         results_path.write_text(json.dumps(results, indent=1))
-    for anti, observer, level in itertools.product(args.anti, args.observers, args.levels):
-        name = recipe_name(anti, observer, level)
+    for anti, observer, level, w_method in itertools.product(args.anti, args.observers, args.levels, args.w_methods):
+        name = recipe_name(anti, observer, level, w_method)
         if name in results and (name not in args.agreement or "greedy_agreement" in results[name].get("compare", {})):
             continue
         ckpt = out / name
         t0 = time.time()
         if not (ckpt / "quant_model_description.json").exists():
-            quantize(model, ckpt, QuantConfig(anti_method=anti, observer=observer, disable_level=level,
+            quantize(model, ckpt, QuantConfig(anti_method=anti, observer=observer, disable_level=level, w_method=w_method,
                                               calib_file=str(calib), calib_max_samples=args.calib_samples,
                                               calib_max_len=args.calib_tokens, quiet=True), overwrite=True)
         quant_s = time.time() - t0
@@ -124,19 +126,19 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
         "",
         f"**Float perplexity: {base:.4f}**",
         "",
-        "| anti-outlier | observer | rollback | float linears | dynamic ppl | static ppl | pdmix ppl | "
-        "Δ dynamic | Δ static | Δ pdmix | greedy agreement |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| anti-outlier | observer | rollback | weights | float linears | dynamic ppl | static ppl | pdmix ppl | "
+        "Δ dynamic | Δ static | Δ pdmix | greedy agreement | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if name == "float":
             continue
-        anti, observer, level = name.split("-")
+        anti, observer, level, w_method = (name.split("-") + ["minmax"])[:4]
         p, d = r["ppl"], r["compare"]["delta"]
         g = r["compare"].get("greedy_agreement")
-        lines.append(f"| {anti} | {observer} | {level} | {r.get('float_linears', '')} | {p['dynamic']:.4f} | "
+        lines.append(f"| {anti} | {observer} | {level} | {w_method} | {r.get('float_linears', '')} | {p['dynamic']:.4f} | "
                      f"{p['static']:.4f} | {p['pdmix']:.4f} | {d['dynamic']:+.2%} | {d['static']:+.2%} | "
-                     f"{d['pdmix']:+.2%} | {agreement(g)} |")
+                     f"{d['pdmix']:+.2%} | {agreement(g)} | {r.get('quantize_s') or ''} |")
     best = pick_best(results)
     lines += [
         "",

@@ -25,12 +25,17 @@ class QuantizedLinear:
         return {f"{prefix}.{k}": v for k, v in self.__dict__.items()}
 
 
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric scale max|w| / 127, [n,1] in w.dtype."""
+    return (torch.maximum(w.amax(dim=1, keepdim=True), -w.amin(dim=1, keepdim=True)) / 127).clamp(min=FP32_EPS)
+
+
 def quantize_weight(w: torch.Tensor, rows_per_chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: (weight int8 [n,k], weight_scale [n,1] in w.dtype).
 
     Rows are independent, so they are done a chunk at a time: the same bits, bounded temporaries.
     """
-    scale = (torch.maximum(w.amax(dim=1, keepdim=True), -w.amin(dim=1, keepdim=True)) / 127).clamp(min=FP32_EPS)
+    scale = weight_scale(w)
     q = torch.empty(w.shape, dtype=torch.int8)
     for r in range(0, w.shape[0], rows_per_chunk):
         # round is half-to-even, as msModelSlim's torch.round
@@ -48,10 +53,11 @@ def static_activation_params(mins: torch.Tensor, maxs: torch.Tensor, dtype: torc
 
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
-                    input_offset: torch.Tensor) -> QuantizedLinear:
-    """The seven tensors of SPEC §3 for float weight w [n,k] (model dtype) and optional bias [n]."""
+                    input_offset: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedLinear:
+    """The seven tensors of SPEC §3 for float weight w [n,k] (model dtype) and optional bias [n].
+    weight: (int8 weight, weight_scale) rounded otherwise (GPTQ); default minmax's quantize_weight(w)."""
     dtype = w.dtype
-    q, ws = quantize_weight(w)
+    q, ws = weight if weight is not None else quantize_weight(w)
     deq = (input_scale * ws).reshape(-1).to(torch.float32)
     b32 = torch.zeros(w.shape[0], dtype=torch.float32) if bias is None else bias.to(dtype).to(torch.float32)
     wsum = weight_row_sums(q)

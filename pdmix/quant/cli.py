@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--anti_method", default=None, help="outlier suppression: none | smooth | m4")
     p.add_argument("--alpha", type=float, default=None, help="smoothing strength (default 0.5)")
     p.add_argument("--observer", default=None, help="static range observer: minmax | percentile | mse")
+    p.add_argument("--w_method", default=None, help="weight rounding: minmax (nearest, default) | gptq")
     p.add_argument("--disable_level", default=None, help="L0..Ln: keep the n most sensitive linears float")
     p.add_argument("--disable_names", nargs="*", default=None, help="linears to keep float, by full name")
     p.add_argument("--part_file_size", type=float, default=None, help="shard size in GB (default 4)")
@@ -45,8 +46,10 @@ def run(args) -> int:
         raise PdmixError(f"--quant_type {args.quant_type}: pdmix writes w8a8 (W8A8_MIX) only")
     _bool(args.trust_remote_code)
     overrides = {k: getattr(args, k) for k in ("device", "calib_file", "calib_max_samples", "calib_max_len",
-                                                "anti_method", "alpha", "observer", "disable_level",
+                                                "anti_method", "alpha", "observer", "w_method", "disable_level",
                                                 "part_file_size")}
+    if args.w_method is not None:  # msModelSlim spells it 'GPTQ' (QuantConfig) and 'gptq' (YAML)
+        overrides["w_method"] = args.w_method.lower()
     overrides["disable_names"] = tuple(args.disable_names) if args.disable_names else None
     overrides["quiet"] = args.quiet
     config, known = make_config(args.model_type, overrides)

@@ -13,6 +13,7 @@ class QuantConfig:
     anti_method: str = "none"       # outlier suppression: none | smooth | m4
     alpha: float = 0.5              # smoothing strength
     observer: str = "minmax"        # static activation range: minmax | percentile | mse
+    w_method: str = "minmax"        # weight rounding: minmax (nearest) | gptq
     disable_level: str = "L0"       # Ln: keep the n most sensitive linears float; auto:<pct> by budget
     disable_names: tuple[str, ...] = ()
     calib_file: str | None = None   # jsonl; None = the calibration set shipped with pdmix

@@ -34,7 +34,7 @@ from pdmix.models.config import ModelConfig, load_config
 from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms, packed_causal_attention
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8DynamicLinear, W8A8MixLinear
 from pdmix.models.moe import decoder_layer
-from pdmix.quant import calib, rollback
+from pdmix.quant import calib, gptq, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear
 from pdmix.quant.config import QuantConfig
@@ -219,9 +219,13 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
             layer = build_layer(cfg, i, t, device=cal.device)
             chunk = [0]
 
+            hessians = gptq.Hessians(g for g in INPUT_GROUPS if config.w_method == "gptq"
+                                     and any(linear_prefix(i, n) not in float_linears for n in g))
+
             def observe(g, x):  # an observer sees each calibration prompt as one forward (SPEC §4)
                 for rows in cal.prompts(x, chunk[0]):
                     observers[g].update(rows)
+                hessians.update(g, x)
             hooks = observe_inputs(layer, observe, static_groups(cfg))
             cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
             del layer, hooks
@@ -236,7 +240,8 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                         if b is not None:
                             out[p + ".bias"] = b
                         continue
-                    q = quantize_linear(w, b, scale, offset).tensors(p)
+                    rounded = hessians.round(group, w) if group in hessians.h else None
+                    q = quantize_linear(w, b, scale, offset, rounded).tensors(p)
                     del w
                     t.pop(p + ".weight"), source.pop(p + ".weight", None)  # float copy no longer needed
                     quantized[p] = q
@@ -341,6 +346,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         raise PdmixError(f"--anti_method {config.anti_method}: expected one of {', '.join(METHODS)}")
     if config.observer not in OBSERVERS:
         raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
+    if config.w_method not in gptq.W_METHODS:
+        raise PdmixError(f"--w_method {config.w_method}: expected one of {', '.join(gptq.W_METHODS)}")
     check_no_overlap(model_path, save_path)
     check_target(Path(save_path), overwrite)
     device = resolve_device(config.device)
@@ -359,7 +366,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     check_all_finite(st)  # last: it reads every tensor
     log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
-        f"rollback {config.disable_level}; device {device}")
+        f"w_method {config.w_method}, rollback {config.disable_level}; device {device}")
 
     with atomic_dir(save_path, overwrite) as out:
         cal = Calibration(cfg, st, ids, device)

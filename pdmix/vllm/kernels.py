@@ -14,6 +14,8 @@ neighbouring code (tests/vllm_plugin bounds that).
 
 import torch
 
+from pdmix.kernels import onednn
+from pdmix.schemes import w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 
@@ -49,36 +51,66 @@ class _Kernel:
 
 
 class CPUKernel(_Kernel):
-    """x86/Arm CPUs, through ATen's int8-weight GEMM (`aten._weight_int8pack_mm`: fp32 activation,
-    int8 weight [n, k] as stored, fp32 column scales given per call). The int8 codes are passed as
-    fp32: products are exact and sums stay exact while every partial sum is below 2^24 in magnitude
-    (always for k <= 1032; in practice for any k, as accumulators of real activations are far
-    smaller), so the GEMM returns acc * column_scale with one fp32 rounding, and each path's
-    epilogue is one fused elementwise op writing the model dtype.
+    """x86 CPUs, through PyTorch's oneDNN int8 GEMM (`onednn.qlinear_pointwise`, the one behind its
+    x86 Inductor quantization) on one prepacked weight, with column scales and bias given per
+    call and fp32 output: result = column_scale * acc + bias, then one elementwise op applies the
+    rest of the path's epilogue and writes the model dtype.
 
-    oneDNN's int8 GEMM (vLLM's `onednn_scaled_mm`, PyTorch's `qlinear_pointwise`) is not used: on
-    CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) it multiplies pairs with vpmaddubsw,
-    whose int16 sums saturate, and accumulators come back wrong by up to 10^4 (measured on this
-    project's AVX2 machine with SPEC-range codes)."""
+    oneDNN takes uint8 activations. On CPUs with VNNI or AMX the int8 codes go in as x_q + 128 with
+    zero point 128 and the accumulators are exact. Without them (AVX2, AVX-512 before Cascade
+    Lake) oneDNN multiplies with vpmaddubsw, whose int16 pair sums saturate once activations
+    reach 129 (x_q + 128 does; measured wrong by up to 10^4 on this project's AVX2 machine, and
+    vLLM's own `onednn_scaled_mm` does the same). There each row goes in twice, as
+    max(x_q, 0) and min(x_q, 0) + 128, both within [0, 128] where no pair sum can saturate,
+    in one GEMM call with twice the rows (the weight is still read once); the two results are
+    added and 128 * sum_k(W) taken off through the bias."""
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype):
         super().__init__(p, out_dtype)
-        self.weight = p.weight.contiguous()  # the one int8 copy, [n, k]
+        if not onednn.available():
+            raise ValueError("pdmix: this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)")
+        self.packed = torch.ops.onednn.qlinear_prepack(p.weight, None)  # the one int8 copy, oneDNN's layout
+        self.split = not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+        self.zero_points = torch.zeros(p.out_features, dtype=torch.int64)
+        deq, ws = p.deq_scale.double(), p.weight_scale.double()
+        static_bias = deq * p.quant_bias.double()  # static: deq_scale * acc + deq_scale * quant_bias
+        shift = 128 * w8a8_mix.weight_row_sums(p.weight).double() if self.split else 0  # the +128 rows' extra
         self.deq_scale = p.deq_scale.to(torch.float32).contiguous()
-        self.static_bias = (p.deq_scale * p.quant_bias.to(torch.float32)).contiguous()  # exact inputs, one rounding
+        self.static_bias = ((static_bias - deq * shift) / (2 if self.split else 1)).float().contiguous()
         self.weight_scale = p.weight_scale.to(torch.float32).contiguous()
+        self.dynamic_bias = (-ws * shift / 2).float().contiguous() if self.split else None
         self.bias_float = p.bias_float.to(torch.float32).contiguous()
 
-    def _gemm(self, q: torch.Tensor, column_scale: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(q.to(torch.float32), self.weight, column_scale)
+    def _gemm(self, q: torch.Tensor, column_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """column_scale * (q @ W^T) + bias as fp32 [m, n] (split: the two halves, [2m, n], still to add)."""
+        m = q.shape[0]
+        if self.split:
+            u = torch.empty((2 * m, q.shape[1]), dtype=torch.uint8)
+            halves = u.view(torch.int8)
+            torch.clamp(q, min=0, out=halves[:m])
+            torch.clamp(q, max=0, out=halves[m:])
+            u[m:].bitwise_xor_(128)  # min(x_q, 0) + 128, in [0, 128]
+            zero_point = 0
+        else:
+            u, zero_point = q.view(torch.uint8).bitwise_xor_(128), 128  # x_q + 128
+        return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, self.packed, column_scale, self.zero_points,
+                                                  bias, 1.0, 0, torch.float32, "none", [], "")
+
+    def _sum(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return out.copy_(y)
+        m = y.shape[0] // 2
+        return torch.add(y[:m], y[m:], out=out)
 
     def static(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        acc = self._gemm(quantize_static(x, self.input_scale, self.input_azp), self.deq_scale)
-        torch.add(acc, self.static_bias, out=out)  # deq*acc + deq*quant_bias, rounded once to the model dtype
+        y = self._gemm(quantize_static(x, self.input_scale, self.input_azp), self.deq_scale, self.static_bias)
+        self._sum(y, out)  # deq_scale * (acc + quant_bias), rounded once to the model dtype
 
     def dynamic(self, x: torch.Tensor, out: torch.Tensor) -> None:
         q, s = quantize_dynamic(x)
-        torch.addcmul(self.bias_float, self._gemm(q, self.weight_scale), s, out=out)
+        y = self._gemm(q, self.weight_scale, self.dynamic_bias)
+        acc = self._sum(y, y[:x.shape[0]]) if self.split else y  # weight_scale * acc
+        torch.addcmul(self.bias_float, acc, s, out=out)
 
 
 class CUDAKernel(_Kernel):

@@ -213,6 +213,38 @@ def test_mixed_step_routes_rows(checkpoints, engines, mode):
     assert torch.equal(y[prefill], dynamic[prefill])
 
 
+def test_one_int8_weight_per_quantized_linear(checkpoints, engines):
+    """After load, each quantized vLLM linear (a fused group counts once) holds exactly one int8
+    tensor, with the elements of its quantized members' weights in the checkpoint; no int8
+    parameter is left on the modules."""
+    from safetensors import safe_open
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from pdmix.vllm.config import members
+    folder = checkpoints("llama-pdmix")  # float up_proj beside a quantized gate_proj, float q/k beside v
+    stored = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if name.endswith(".weight") and st.get_slice(name).get_dtype() == "I8":
+                    stored[name.removesuffix(".weight")] = st.get_slice(name).get_shape()
+    model = vllm_model(engines.get(folder))
+    seen = 0
+    for prefix, module in model.model.layers.named_modules(prefix="model.layers"):
+        if not isinstance(module, LinearBase):
+            continue
+        assert not [n for n, t in module.state_dict().items() if t.dtype == torch.int8], prefix
+        quantized = [stored[m] for m in members(prefix) if m in stored]
+        if not quantized:
+            assert type(module.quant_method).__name__ == "UnquantizedLinearMethod", prefix
+            continue
+        int8 = [t for t in module.quant_method.kernel.tensors().values() if t.dtype == torch.int8]
+        assert len(int8) == 1, (prefix, len(int8))
+        assert int8[0].numel() == sum(n * k for n, k in quantized), prefix
+        seen += len(quantized)
+    assert seen == len(stored)
+
+
 def test_refuses_tensor_it_cannot_place(checkpoints, tmp_path):
     """A tensor the model has no place for stops the load, by name (vLLM alone skips stray biases)."""
     import json

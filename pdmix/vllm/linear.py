@@ -1,11 +1,11 @@
 """The W8A8_MIX linear method: one vLLM linear (fused q/k/v or gate/up, or a single one), its
-quantized members computed on one int8 weight with both SPEC §5 paths (kernels.py: ATen's int8
-GEMM on CPU, vLLM's CUTLASS kernels on NVIDIA GPUs), its float members (a fused group split by
+quantized members computed on one int8 weight with both SPEC §5 paths (kernels.py: PyTorch's
+oneDNN int8 GEMM on CPU, vLLM's CUTLASS kernels on NVIDIA GPUs), its float members (a fused group split by
 rollback, SPEC §7) as a float GEMM.
 
-The split between the paths happens inside the custom op `torch.ops.vllm.pdmix_w8a8_mix_linear`,
-which reads the rows from the forward context (routing.py) and writes each path's rows straight
-into the layer's output; as an opaque op it also survives vLLM's torch.compile tracing.
+The split between the paths reads the rows from the forward context (routing.py) and writes each
+path's rows straight into the layer's output. Under vLLM's torch.compile tracing it runs as the
+opaque custom op `torch.ops.vllm.pdmix_w8a8_mix_linear`; eager calls it directly.
 """
 
 import itertools
@@ -111,7 +111,8 @@ class W8A8MixLinearMethod(LinearMethodBase):
         # A stored float bias of a quantized member is not used: quant_bias carries it (SPEC §3).
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
-        y = torch.ops.vllm.pdmix_w8a8_mix_linear(x, self.key)
+        # the custom op only where a graph is traced (it is opaque to the compiler); eager skips the dispatcher
+        y = torch.ops.vllm.pdmix_w8a8_mix_linear(x, self.key) if torch.compiler.is_compiling() else self.forward_quantized(x)
         if self.float_cols is not None:
             yf = F.linear(x, self.float_weight, None if bias is None else bias[self.float_cols])
             y = torch.cat([y, yf], dim=1)[:, self.output_order]

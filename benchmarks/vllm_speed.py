@@ -129,6 +129,7 @@ def main():
         p.error("give --float and --quant, or --llama3-8b-widths")
 
     import vllm
+    load_start = round(os.getloadavg()[0], 2)  # the machine is shared: how quiet it was
     ctx = mp.get_context("spawn")
     engines = {}
     for name, folder in (("vllm_bf16", args.float), ("vllm_w8a8_mix_plugin", args.quant)):  # one starts at a time
@@ -158,6 +159,7 @@ def main():
         conn.send(None)
     for proc, _, _ in engines.values():
         proc.join()
+    result["load_average_1min_at_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
     f, q = result["vllm_bf16"], result["vllm_w8a8_mix_plugin"]
     result["plugin_over_bf16"] = {k: round(q[k] / f[k], 3) for k in f if k != "torch_threads"}
     print(json.dumps(result, indent=1))

@@ -49,13 +49,15 @@ def linear_bytes(model) -> int:
     from vllm.model_executor.layers.linear import LinearBase
 
     from pdmix.vllm.linear import W8A8MixLinearMethod
-    total = 0
+    total, seen = 0, set()  # a tensor shared by layers (oneDNN's zero points of one width) counts once
     for module in model.model.layers.modules():
         if not isinstance(module, LinearBase):
             continue
         method = module.quant_method
         if isinstance(method, W8A8MixLinearMethod):
-            total += sum(t.nbytes for t in method.kernel.tensors().values())
+            tensors = [t for t in method.kernel.tensors().values() if id(t) not in seen]
+            seen.update(id(t) for t in tensors)
+            total += sum(t.nbytes for t in tensors)
             total += method.float_weight.nbytes if method.float_cols is not None else 0
         else:
             w = module.weight

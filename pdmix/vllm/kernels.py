@@ -12,10 +12,11 @@ where SPEC §5 divides, which can move an element lying within a hair of a .5 ti
 neighbouring code (tests/vllm_plugin bounds that).
 """
 
+import functools
+
 import torch
 
 from pdmix.kernels import onednn
-from pdmix.schemes import w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 
@@ -50,6 +51,12 @@ class _Kernel:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
 
+@functools.cache
+def _zeros(n: int) -> torch.Tensor:
+    """oneDNN's per-channel weight zero points (all zero), one shared tensor per width."""
+    return torch.zeros(n, dtype=torch.int64)
+
+
 class CPUKernel(_Kernel):
     """x86 CPUs, through PyTorch's oneDNN int8 GEMM (`onednn.qlinear_pointwise`, the one behind its
     x86 Inductor quantization) on one prepacked weight, with column scales and bias given per
@@ -61,9 +68,11 @@ class CPUKernel(_Kernel):
     Lake) oneDNN multiplies with vpmaddubsw, whose int16 pair sums saturate once activations
     reach 129 (x_q + 128 does; measured wrong by up to 10^4 on this project's AVX2 machine, and
     vLLM's own `onednn_scaled_mm` does the same). There each row goes in twice, as
-    max(x_q, 0) and min(x_q, 0) + 128, both within [0, 128] where no pair sum can saturate,
-    in one GEMM call with twice the rows (the weight is still read once); the two results are
-    added and 128 * sum_k(W) taken off through the bias."""
+    min(x_q, 0) + 128 and max(x_q, 0), both within [0, 128] where no pair sum can saturate, in one
+    GEMM call with twice the rows (the weight is still read once) and zero point 64 for both:
+    (min(x_q, 0) + 128 - 64) + (max(x_q, 0) - 64) = x_q, so the two results add up to the
+    accumulators exactly (oneDNN applies the zero point as 64 * sum_k W in int32); each half takes
+    half the bias."""
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype):
         super().__init__(p, out_dtype)
@@ -71,14 +80,11 @@ class CPUKernel(_Kernel):
             raise ValueError("pdmix: this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)")
         self.packed = torch.ops.onednn.qlinear_prepack(p.weight, None)  # the one int8 copy, oneDNN's layout
         self.split = not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
-        self.zero_points = torch.zeros(p.out_features, dtype=torch.int64)
-        deq, ws = p.deq_scale.double(), p.weight_scale.double()
-        static_bias = deq * p.quant_bias.double()  # static: deq_scale * acc + deq_scale * quant_bias
-        shift = 128 * w8a8_mix.weight_row_sums(p.weight).double() if self.split else 0  # the +128 rows' extra
+        self.zero_points = _zeros(p.out_features)
         self.deq_scale = p.deq_scale.to(torch.float32).contiguous()
-        self.static_bias = ((static_bias - deq * shift) / (2 if self.split else 1)).float().contiguous()
+        # static: deq_scale * acc + deq_scale * quant_bias (split: half of the bias on each half)
+        self.static_bias = (p.deq_scale.double() * p.quant_bias.double() / (2 if self.split else 1)).float()
         self.weight_scale = p.weight_scale.to(torch.float32).contiguous()
-        self.dynamic_bias = (-ws * shift / 2).float().contiguous() if self.split else None
         self.bias_float = p.bias_float.to(torch.float32).contiguous()
 
     def _gemm(self, q: torch.Tensor, column_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,10 +93,10 @@ class CPUKernel(_Kernel):
         if self.split:
             u = torch.empty((2 * m, q.shape[1]), dtype=torch.uint8)
             halves = u.view(torch.int8)
-            torch.clamp(q, min=0, out=halves[:m])
-            torch.clamp(q, max=0, out=halves[m:])
-            u[m:].bitwise_xor_(128)  # min(x_q, 0) + 128, in [0, 128]
-            zero_point = 0
+            torch.clamp(q, max=0, out=halves[:m])
+            u[:m].bitwise_xor_(128)  # min(x_q, 0) + 128, in [0, 128]
+            torch.clamp(q, min=0, out=halves[m:])
+            zero_point = 64
         else:
             u, zero_point = q.view(torch.uint8).bitwise_xor_(128), 128  # x_q + 128
         return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero_point, self.packed, column_scale, self.zero_points,
@@ -108,7 +114,7 @@ class CPUKernel(_Kernel):
 
     def dynamic(self, x: torch.Tensor, out: torch.Tensor) -> None:
         q, s = quantize_dynamic(x)
-        y = self._gemm(q, self.weight_scale, self.dynamic_bias)
+        y = self._gemm(q, self.weight_scale, None)
         acc = self._sum(y, y[:x.shape[0]]) if self.split else y  # weight_scale * acc
         torch.addcmul(self.bias_float, acc, s, out=out)
 

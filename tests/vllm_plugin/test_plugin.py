@@ -41,7 +41,8 @@ def pdmix_engines():
     def get(folder):
         if folder not in made:
             made.clear()
-            made[folder] = PdmixLLM(str(folder))
+            # the reference kernel: SPEC §5 as written (oneDNN's int8 GEMM saturates on CPUs without VNNI)
+            made[folder] = PdmixLLM(str(folder), kernel="reference")
         return made[folder]
     return get
 
@@ -211,6 +212,38 @@ def test_mixed_step_routes_rows(checkpoints, engines, mode):
     assert not torch.equal(static[decode], dynamic[decode]) and not torch.equal(static[prefill], dynamic[prefill])
     assert torch.equal(y[decode], static[decode])
     assert torch.equal(y[prefill], dynamic[prefill])
+
+
+def test_one_int8_weight_per_quantized_linear(checkpoints, engines):
+    """After load, each quantized vLLM linear (a fused group counts once) holds exactly one int8
+    tensor, with the elements of its quantized members' weights in the checkpoint; no int8
+    parameter is left on the modules."""
+    from safetensors import safe_open
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from pdmix.vllm.config import members
+    folder = checkpoints("llama-pdmix")  # float up_proj beside a quantized gate_proj, float q/k beside v
+    stored = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if name.endswith(".weight") and st.get_slice(name).get_dtype() == "I8":
+                    stored[name.removesuffix(".weight")] = st.get_slice(name).get_shape()
+    model = vllm_model(engines.get(folder))
+    seen = 0
+    for prefix, module in model.model.layers.named_modules(prefix="model.layers"):
+        if not isinstance(module, LinearBase):
+            continue
+        assert not [n for n, t in module.state_dict().items() if t.dtype == torch.int8], prefix
+        quantized = [stored[m] for m in members(prefix) if m in stored]
+        if not quantized:
+            assert type(module.quant_method).__name__ == "UnquantizedLinearMethod", prefix
+            continue
+        int8 = [t for t in module.quant_method.kernel.tensors().values() if t.dtype == torch.int8]
+        assert len(int8) == 1, (prefix, len(int8))
+        assert int8[0].numel() == sum(n * k for n, k in quantized), prefix
+        seen += len(quantized)
+    assert seen == len(stored)
 
 
 def test_refuses_tensor_it_cannot_place(checkpoints, tmp_path):

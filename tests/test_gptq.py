@@ -2,12 +2,14 @@
 float model's own linear outputs (transformers' forward) and SPEC §5 arithmetic written out here."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pdmix import LLM
+from pdmix import LLM, SamplingParams
 from pdmix.cli import main
 from pdmix.format.inspect import inspect_checkpoint
 from pdmix.format.reader import SafetensorsFolder
@@ -108,3 +110,35 @@ def test_cli_unknown_w_method(tiny_models, small_calib, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("pdmix: error: --w_method hqq"), err
     assert not save.exists()
+
+
+@pytest.fixture(scope="module")
+def gptq_checkpoint(tiny_models, small_calib, tmp_path_factory):
+    """m4 smoothing (norm biases), a rolled-back linear and GPTQ-rounded weights."""
+    return quantize(tiny_models("qwen3"), tmp_path_factory.mktemp("gptq") / "tiny-gptq",
+                    QuantConfig(anti_method="m4", disable_level="L1", w_method="gptq", calib_file=str(small_calib),
+                                quiet=True))
+
+
+def test_gptq_checkpoint_in_run_pa_gives_the_engines_tokens(gptq_checkpoint):
+    from test_runtime_cli import generated_ids
+    prompts = ["Hello world", "What's deep learning?"]
+    r = subprocess.run([sys.executable, "-m", "pdmix.run_pa", "--model_path", str(gptq_checkpoint), "--device", "cpu",
+                        "--ignore_eos", "--max_output_length", "8", "--print_ids", "--block_size", "4",
+                        "--input_texts", *prompts], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = LLM(gptq_checkpoint, block_size=4).generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert generated_ids(r.stdout) == [w.outputs[0].token_ids for w in want]
+
+
+def test_gptq_checkpoint_served_logprobs_are_the_engines(gptq_checkpoint):
+    """The openai client's completion logprobs from `pdmix serve`, against pdmix.LLM's logits."""
+    from servers import serve
+    llm = LLM(gptq_checkpoint, block_size=4)
+    ids = AutoTokenizer.from_pretrained(str(gptq_checkpoint))("Hi there")["input_ids"]
+    logits = llm.generate([ids], SamplingParams(max_tokens=6, return_logits=True))[0].outputs[0].logits
+    best = logits.double().log_softmax(-1).max(-1).values.tolist()
+    with serve(gptq_checkpoint, "--block_size", 4, "--max_output_length", 16) as s:
+        r = s.client().completions.create(model=gptq_checkpoint.name, prompt="Hi there", max_tokens=6, temperature=0,
+                                          logprobs=1)
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(best, abs=1e-4)

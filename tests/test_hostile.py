@@ -615,7 +615,7 @@ def test_long_calibration_prompt_attention_is_exact_and_bounded(monkeypatch):
     scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
     want = torch.einsum("hts,shd->thd", scores.softmax(-1), vr.double()).float()
     monkeypatch.setattr(pipeline, "ATTN_SCORE_BYTES", 4 * heads * t * 37)  # far below 4*H*T*T: 37 query rows a block
-    got = pipeline.bounded_causal_attention(q, k, v)
+    got = pipeline.calibration_attention(q, k, v)
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, kr, vr))
     blocked = pipeline.blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(blocked, want, atol=1e-5)

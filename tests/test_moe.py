@@ -1,5 +1,5 @@
 """Qwen3-MoE (issue 19, docs/moe.md): msModelSlim's own checkpoint of a tiny Qwen3-MoE
-(tests/fixtures/qwen3_moe_tiny, made by tests/fixtures/make_moe_oracle.py) against pdmix's
+(tests/fixtures/qwen3_moe_tiny, made by tests/fixtures/make_oracle.py) against pdmix's
 quantizer, runtime, tensor parallelism and bad-input checks."""
 
 import json
@@ -58,10 +58,12 @@ def test_oracle_inspects_with_the_layout_of_docs_moe():
 
 def test_quantizer_matches_msmodelslim(ours):
     """Same names, labels and dtypes; every weight, weight_scale and weight_offset (attention and
-    experts) bit for bit; static activation parameters exact on layer 0 (whose inputs do not depend on
-    quantized upstream layers) and close deeper down (SPEC §4: msModelSlim calibrates deeper layers on
-    its own quantized model). Measured on this fixture: input_scale at most 2.2% apart (layer 1's
-    o_proj; transformers' float model is 1.5% from msModelSlim there), deq_scale 2.7%."""
+    experts) bit for bit; static activation parameters exact on layer 0 and within 2% deeper down.
+    The calibration forward is msModelSlim's (calib_forward; the dense fixture of test_oracle.py
+    matches bit for bit) but for the W8A8_DYNAMIC MLP linears, which run pdmix's per-token
+    arithmetic; msModelSlim fake-quantizes them during calibration with running per-tensor ranges.
+    Measured on this fixture: input_scale at most 0.4% apart (layer 2's o_proj), deq_scale 0.7%;
+    2.2% and 2.7% with a float forward of the current layer."""
     assert labels(ours) == labels(ORACLE)
     a, b = tensors(ours), tensors(ORACLE)
     assert a.keys() == b.keys()
@@ -70,7 +72,7 @@ def test_quantizer_matches_msmodelslim(ours):
         if k.rpartition(".")[2] in ("weight", "weight_scale", "weight_offset") or ".layers.0." in k:
             assert torch.equal(a[k], b[k]), k
         elif k.endswith(("input_scale", "deq_scale")):
-            assert ((a[k].double() - b[k].double()).abs() <= 0.03 * b[k].double().abs()).all(), k
+            assert ((a[k].double() - b[k].double()).abs() <= 0.02 * b[k].double().abs()).all(), k
 
 
 def test_m4_smooths_attention_and_skips_every_mlp_linear(ours, tmp_path):

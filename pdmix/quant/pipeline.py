@@ -1,8 +1,9 @@
 """Float Hugging Face checkpoint -> W8A8_MIX checkpoint, one decoder layer at a time.
 
 Weights stream from the source safetensors a layer at a time; the calibration hidden states are
-carried from layer to layer. Layers already done are quantized (their outputs are what the next
-layer is calibrated on, as msModelSlim does), while the current layer is observed in float.
+carried from layer to layer. Each layer's forward is msModelSlim's calibration forward
+(calib_forward): its static linears fake-quantized with the input ranges observed so far, so every
+linear is calibrated on the outputs of the quantized linears upstream of it, as in msModelSlim.
 Peak memory is one layer, the calibration activations and the write buffers, never the model.
 
 With outlier suppression or score-based rollback, a float analysis pass runs first: it collects
@@ -31,12 +32,13 @@ from pdmix.format.writer import CheckpointWriter
 from pdmix.models.arch import (BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, is_dynamic_linear, layer_linears,
                                linear_prefix, static_groups)
 from pdmix.models.config import ModelConfig, load_config
-from pdmix.models.layers import DecoderLayer, Rotary, causal_attention, layer_norms, packed_causal_attention
+from pdmix.models.layers import DecoderLayer, Rotary, layer_norms, packed_causal_attention
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8DynamicLinear, W8A8MixLinear
 from pdmix.models.moe import decoder_layer
 from pdmix.quant import calib, gptq, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
-from pdmix.quant.arithmetic import quantize_linear
+from pdmix.quant.arithmetic import quantize_linear, quantize_weight
+from pdmix.quant.calib_forward import FakeQuantLinear, RunningInputQuant, fake_weight
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, make_observer
 from pdmix.schemes import w8a8_dynamic
@@ -78,10 +80,12 @@ def load_layer(st: SafetensorsFolder, i: int) -> dict[str, torch.Tensor]:
 
 
 def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized: dict | None = None,
-                device=None) -> DecoderLayer:
+                device=None, modules: dict | None = None) -> DecoderLayer:
     """A decoder layer from float tensors; linears named in `quantized` become W8A8_MIX (or, a MoE
-    model's MLP linears, W8A8_DYNAMIC)."""
+    model's MLP linears, W8A8_DYNAMIC); those in `modules` are the given modules."""
     def make(p):
+        if modules and p in modules:
+            return modules[p]
         if quantized and p in quantized:
             kind = W8A8DynamicLinear if is_dynamic_linear(cfg, p) else W8A8MixLinear
             return kind.from_tensors({k.rpartition(".")[2]: v for k, v in quantized[p].items()}, cfg.dtype, p,
@@ -105,20 +109,22 @@ def observe_inputs(layer: DecoderLayer, on_input, groups=INPUT_GROUPS):
 ATTN_SCORE_BYTES = 1 << 28  # a prompt whose attention scores [H, T, T] would pass this takes a bounded path
 
 
-def bounded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """causal_attention with memory linear in the prompt length T. Short prompts: causal_attention
-    itself. Long ones: a fused SDPA kernel (flash / memory-efficient, which never hold the [T, T]
-    scores; CPU and CUDA have one), else blocks of queries, each against the keys up to it."""
+def calibration_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one prompt (q [T,H,D], k/v [T,KV,D]) as transformers' default ('sdpa')
+    forward computes it, which msModelSlim calibrates through: SDPA in the model dtype (the runtime's
+    fp32 attention moves deeper layers' ranges by up to 2%). Memory linear in T: long prompts take a
+    fused kernel (flash / memory-efficient, which never hold the [T, T] scores), else blocks of queries."""
     t, heads = q.shape[0], q.shape[1]
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
     if 4 * heads * t * t <= ATTN_SCORE_BYTES:
-        return causal_attention(q, k, v)
+        return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
     rep = heads // k.shape[1]
-    q4, k4, v4 = (x.transpose(0, 1)[None].float() for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+    k4, v4 = k4.repeat_interleave(rep, 1), v4.repeat_interleave(rep, 1)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)[0].transpose(0, 1).to(q.dtype)
+            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)[0].transpose(0, 1)
     except RuntimeError:  # no fused kernel for this device or dtype
-        return blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1).to(q.dtype)
+        return blocked_causal_attention(q4, k4, v4)[0].transpose(0, 1)
 
 
 def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -172,7 +178,7 @@ class Calibration:
             if on_chunk:
                 on_chunk(i)
             cos, sin = self.rope[i]
-            out.append(layer(h, cos, sin, packed_causal_attention(self.lengths[i], bounded_causal_attention), split))
+            out.append(layer(h, cos, sin, packed_causal_attention(self.lengths[i], calibration_attention), split))
         if keep:
             self.hidden = out
 
@@ -208,6 +214,27 @@ def analysis_pass(cfg, st, cal: Calibration, config: QuantConfig, spill: Path, l
     return scores
 
 
+def calibrate_layer(cfg, i: int, t: dict, cal: Calibration, config: QuantConfig, weights: dict, dynamic: dict,
+                    keep: bool, hessians: gptq.Hessians | None = None) -> dict:
+    """msModelSlim's calibration forward of layer i over every prompt (calib_forward): static linears
+    with the fake-quantized weights `weights` {prefix: tensor} and running input ranges, the MLP
+    linears of a MoE model W8A8_DYNAMIC (`dynamic`), the rest float. keep=True carries its outputs to
+    the next layer. Returns each static group's observer."""
+    chunk = [0]
+    observers = {g: make_observer(config.observer) for g in static_groups(cfg)}
+    modules = {}
+    for g in static_groups(cfg):
+        quant = RunningInputQuant(observers[g], cfg.dtype, lambda x: cal.prompts(x, chunk[0]),
+                                  None if hessians is None else lambda x, g=g: hessians.update(g, x))
+        for n in g:
+            p = linear_prefix(i, n)
+            if p in weights:
+                modules[p] = FakeQuantLinear(weights[p].to(cal.device), t.get(p + ".bias"), quant).to(cal.device)
+    layer = build_layer(cfg, i, t, dynamic, device=cal.device, modules=modules)
+    cal.run(layer, keep=keep, on_chunk=lambda c: chunk.__setitem__(0, c))
+    return observers
+
+
 def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears: set[str], spill: Path | None,
                   writer: CheckpointWriter, log: Log) -> None:
     from safetensors.torch import load_file
@@ -215,47 +242,35 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
         for i in range(cfg.num_layers):
             source = load_layer(st, i)
             t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else source
-            observers = {g: make_observer(config.observer) for g in static_groups(cfg)}
-            layer = build_layer(cfg, i, t, device=cal.device)
-            chunk = [0]
-
-            hessians = gptq.Hessians(g for g in INPUT_GROUPS if config.w_method == "gptq"
-                                     and any(linear_prefix(i, n) not in float_linears for n in g))
-
-            def observe(g, x):  # an observer sees each calibration prompt as one forward (SPEC §4)
-                for rows in cal.prompts(x, chunk[0]):
-                    observers[g].update(rows)
-                hessians.update(g, x)
-            hooks = observe_inputs(layer, observe, static_groups(cfg))
-            cal.run(layer, keep=False, on_chunk=lambda c: chunk.__setitem__(0, c))
-            del layer, hooks
-            out, types, quantized = {}, {}, {}
-            for group in static_groups(cfg):
-                scale, offset = observers[group].params(cfg.dtype)
-                for n in group:
-                    p = linear_prefix(i, n)
-                    w, b = t[p + ".weight"], t.get(p + ".bias")
-                    if p in float_linears:
-                        out[p + ".weight"] = w
-                        if b is not None:
-                            out[p + ".bias"] = b
-                        continue
-                    rounded = hessians.round(group, w) if group in hessians.h else None
-                    q = quantize_linear(w, b, scale, offset, rounded).tensors(p)
-                    del w
-                    t.pop(p + ".weight"), source.pop(p + ".weight", None)  # float copy no longer needed
-                    quantized[p] = q
-                    out.update(q)
-                    types.update(dict.fromkeys(q, QUANT_TYPE))
-                    if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
-                        out[p + ".bias"] = b
-            for p in (p for p, _ in layer_linears(cfg, i) if is_dynamic_linear(cfg, p)):
-                if p in float_linears:
-                    out.update({k: t[k] for k in (p + ".weight", p + ".bias") if k in t})
-                    continue
-                q = {f"{p}.{k}": v for k, v in w8a8_dynamic.quantize(t.pop(p + ".weight")).items()}
-                source.pop(p + ".weight", None)
-                quantized[p] = q
+            static = {linear_prefix(i, n): g for g in static_groups(cfg) for n in g
+                      if linear_prefix(i, n) not in float_linears}
+            dynamic = {p: {f"{p}.{k}": v for k, v in w8a8_dynamic.quantize(t[p + ".weight"]).items()}
+                       for p, _ in layer_linears(cfg, i) if is_dynamic_linear(cfg, p) and p not in float_linears}
+            weights = {p: quantize_weight(t[p + ".weight"]) for p in static}
+            fake = {p: fake_weight(t[p + ".weight"], weights[p][1]) for p in static}
+            if config.w_method == "gptq" and static:
+                # GPTQ needs each group's Hessian before it rounds: gathered in a first forward with minmax weights
+                hessians = gptq.Hessians(set(static.values()))
+                calibrate_layer(cfg, i, t, cal, config, fake, dynamic, keep=False, hessians=hessians)
+                weights = {p: hessians.round(g, t[p + ".weight"]) for p, g in static.items()}
+                fake = {p: q.to(s.dtype) * s for p, (q, s) in weights.items()}
+                del hessians
+            observers = calibrate_layer(cfg, i, t, cal, config, fake, dynamic, keep=True)
+            del fake
+            out, types = {}, {}
+            for p in (p for p, _ in layer_linears(cfg, i) if p in float_linears):
+                out.update({k: t[k] for k in (p + ".weight", p + ".bias") if k in t})
+            params = {g: observers[g].params(cfg.dtype) for g in set(static.values())}
+            for p, group in static.items():
+                b = t.get(p + ".bias")
+                q = quantize_linear(t.pop(p + ".weight"), b, *params[group], weights.pop(p)).tensors(p)
+                source.pop(p + ".weight", None)  # float copy no longer needed
+                out.update(q)
+                types.update(dict.fromkeys(q, QUANT_TYPE))
+                if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
+                    out[p + ".bias"] = b
+            for p, q in dynamic.items():
+                t.pop(p + ".weight"), source.pop(p + ".weight", None)
                 out.update(q)
                 types.update(dict.fromkeys(q, DYNAMIC_TYPE))
                 if p + ".bias" in t:
@@ -266,7 +281,6 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
             types.update({k: FLOAT for k in out if k not in types})
             if writer is not None:
                 writer.add(out, types)
-            cal.run(build_layer(cfg, i, t, quantized, device=cal.device), RowSplit(0, "static"))
             st.release()
             bar.update()
 

@@ -53,9 +53,10 @@ def checkpoints(tmp_path_factory):
             # fp32 scales, int64 deq_scale (fp16), sharded names, m4 norm and linear biases, q/k float beside a quantized v
             return build_w8a8_checkpoint(src, root / name, variant="msmodelslim", m4_biases=True, float_layers=SPLIT_QK,
                                          quant_label="W8A8" if kind.endswith("legacy") else QUANT_TYPE)
-        # pdmix's quantizer with m4 smoothing; up_proj float beside a quantized gate_proj
+        # pdmix's quantizer with m4 smoothing (and, "-gptq", GPTQ weight rounding); up_proj float beside a
+        # quantized gate_proj
         return quantize(src, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--disable_names",
-                        *SPLIT_QK, "model.layers.0.mlp.up_proj")
+                        *SPLIT_QK, "model.layers.0.mlp.up_proj", "--w_method", "gptq" if kind == "gptq" else "minmax")
 
     def get(name: str) -> Path:
         if name not in made:

@@ -12,7 +12,8 @@ from spec_reference import Reference
 from pdmix import LLM as PdmixLLM
 from vllm import SamplingParams
 
-TINY = ["llama-msmodelslim", "qwen2-msmodelslim-legacy", "qwen3-msmodelslim-fp16", "llama-pdmix", "qwen3-pdmix"]
+TINY = ["llama-msmodelslim", "qwen2-msmodelslim-legacy", "qwen3-msmodelslim-fp16", "llama-pdmix", "qwen3-pdmix",
+        "qwen3-gptq"]
 # Per-token logprob agreement on the tiny random models (vocab 512, so logprobs are near -6.2 and
 # flat): the engines share the quantized arithmetic but round bf16 attention, norms and residual
 # adds in a different order, which moves a quantized activation to the next int8 level now and

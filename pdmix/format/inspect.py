@@ -272,14 +272,22 @@ def _summary(folder, header, types, st, quantized, dynamic, model_dtype) -> dict
     }
 
 
+RELEASE_BYTES = 256 << 20  # a scan unmaps at least this often, within one file too
+ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}  # else 1
+
+
 def releasing(st: SafetensorsFolder, names: list[str], suffix: str = ""):
-    """Yield names, closing the memory maps whenever the scan moves to another file: the pages of a
-    scanned shard would otherwise stay counted against this process for the whole run."""
-    current = None
+    """Yield names, closing the memory maps whenever the scan moves to another file or has read
+    RELEASE_BYTES since the last close: the pages scanned would otherwise stay counted against this
+    process (all of a one-shard checkpoint, by the end)."""
+    current, read = None, 0
     for name in names:
-        if st.file_of(name + suffix) != current:
+        path = st.file_of(name + suffix)
+        if path != current or read >= RELEASE_BYTES:
             st.release()
-            current = st.file_of(name + suffix)
+            current, read = path, 0
+        dtype, shape = st.meta(name + suffix)
+        read += math.prod(shape) * ITEM_BYTES.get(dtype, 1)
         yield name
 
 

@@ -244,8 +244,11 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
             t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else source
             static = {linear_prefix(i, n): g for g in static_groups(cfg) for n in g
                       if linear_prefix(i, n) not in float_linears}
-            dynamic = {p: {f"{p}.{k}": v for k, v in w8a8_dynamic.quantize(t[p + ".weight"]).items()}
-                       for p, _ in layer_linears(cfg, i) if is_dynamic_linear(cfg, p) and p not in float_linears}
+            dynamic = {}
+            for p, _ in layer_linears(cfg, i):
+                if is_dynamic_linear(cfg, p) and p not in float_linears:  # quantized now, float copy dropped
+                    dynamic[p] = {f"{p}.{k}": v for k, v in w8a8_dynamic.quantize(t.pop(p + ".weight")).items()}
+                    source.pop(p + ".weight", None)
             weights = {p: quantize_weight(t[p + ".weight"]) for p in static}
             fake = {p: fake_weight(t[p + ".weight"], weights[p][1]) for p in static}
             if config.w_method == "gptq" and static:
@@ -270,7 +273,6 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
                 if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
                     out[p + ".bias"] = b
             for p, q in dynamic.items():
-                t.pop(p + ".weight"), source.pop(p + ".weight", None)
                 out.update(q)
                 types.update(dict.fromkeys(q, DYNAMIC_TYPE))
                 if p + ".bias" in t:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdmix import bench, kernels
+from pdmix import kernels
+from pdmix.bench.linear import backends_for, linear_shapes, make_linear_pair, run_path
 from pdmix.cli import main
 
 # onednn where its int8 GEMM is exact on this CPU (kernels/onednn.py), then the reference
@@ -90,23 +91,23 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
 def test_bench_linear_computes_what_bf16_computes(n, k):
     """The timed W8A8 computation is correct: both paths within 5% of bf16 F.linear on one input."""
     cpu = torch.device("cpu")
-    w, params = bench.make_linear_pair(n, k, torch.bfloat16, cpu, seed=3)
+    w, params = make_linear_pair(n, k, torch.bfloat16, cpu, seed=3)
     x = torch.randn(33, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     ref = F.linear(x, w).float()
-    for name in bench.backends_for(cpu, None):
+    for name in backends_for(cpu, None):
         kernel = kernels.build(params, torch.bfloat16, name)
         for path in ("dynamic", "static"):
-            y = bench.run_path(path, x, w, kernel)
+            y = run_path(path, x, w, kernel)
             assert y.dtype == torch.bfloat16 and y.shape == ref.shape
             err = ((y.float() - ref).norm() / ref.norm()).item()
             assert err < 0.05, (name, path, err)
-    assert torch.equal(bench.run_path("bf16", x, w), F.linear(x, w))
+    assert torch.equal(run_path("bf16", x, w), F.linear(x, w))
 
 
 def test_linear_shapes_follow_the_model():
     dims = dict(hidden_size=5120, intermediate_size=17408, num_heads=40, num_kv_heads=8, head_dim=128)
-    assert bench.linear_shapes(dims) == {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (34816, 5120),
-                                         "down": (5120, 17408)}
+    assert linear_shapes(dims) == {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (34816, 5120),
+                                   "down": (5120, 17408)}
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pdmix.atomic import atomic_dir
 from pdmix.errors import PdmixError
-from pdmix.paths import non_directory, os_errors
+from pdmix.paths import os_errors, pdmix_home
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,6 @@ MODELS = {
         folder="SmolLM2-135M-Instruct",
     ),
 }
-
-
-def pdmix_home() -> Path:
-    home = Path(os.environ.get("PDMIX_HOME") or Path.home() / ".cache" / "pdmix")
-    if (p := non_directory(home)) is not None:
-        raise PdmixError(f"PDMIX_HOME {home}: {p} is not a directory")
-    return home
 
 
 def model_dir(name: str = "smollm2") -> Path:

@@ -155,3 +155,11 @@ def write_results(path, text: str) -> None:
     except PdmixError:
         print(text)
         raise
+
+
+def pdmix_home() -> Path:
+    """Where pdmix caches models, downloads and built kernels: $PDMIX_HOME or ~/.cache/pdmix."""
+    home = Path(os.environ.get("PDMIX_HOME") or Path.home() / ".cache" / "pdmix")
+    if (p := non_directory(home)) is not None:
+        raise PdmixError(f"PDMIX_HOME {home}: {p} is not a directory")
+    return home

@@ -5,7 +5,7 @@ import torch
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
-from pdmix.kernels import onednn, reference
+from pdmix.kernels import fusion, onednn, reference, s8gemm
 from pdmix.kernels.reference import ReferenceKernel
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
@@ -83,7 +83,9 @@ def test_onednn_accumulators_are_exact_at_the_ends_of_the_code_range():
 
 
 def test_priority_list_and_forcing():
-    assert kernels.choose(CPU).name == kernels.PRIORITY["cpu"][0] == "onednn"
+    # pdmix's own GEMM first where oneDNN needs twice the arithmetic to be exact (no VNNI)
+    first = "cpu_int8" if onednn.needs_split() else "onednn"
+    assert kernels.choose(CPU).name == kernels.PRIORITY["cpu"][0] == first
     # a row-parallel shard needs the exact int32 all-reduce: only the reference exposes its accumulator
     assert kernels.choose(CPU, row_parallel=True).name == "reference"
     assert kernels.choose(CPU, name="reference").name == "reference"
@@ -122,27 +124,47 @@ def test_smollm2_greedy_tokens_identical_across_backends(smollm2_w8a8):
 
 def test_compiled_fusions_are_bit_identical_to_eager():
     x = activations(300, 576, seed=2)  # above COMPILE_MIN_ELEMENTS: the fused path
-    assert x.numel() >= onednn.COMPILE_MIN_ELEMENTS
+    assert x.numel() >= fusion.COMPILE_MIN_ELEMENTS
     scale, offset = torch.tensor(0.037), torch.tensor(3.0)
-    assert torch.equal(onednn.fused(onednn.quantize_static_u8, x, scale, offset),
+    assert torch.equal(fusion.fused(onednn.quantize_static_u8, x, scale, offset),
                        onednn.quantize_static_u8(x, scale, offset))
-    (q, s), (q_ref, s_ref) = onednn.fused(onednn.quantize_dynamic_u8, x), onednn.quantize_dynamic_u8(x)
+    (q, s), (q_ref, s_ref) = fusion.fused(onednn.quantize_dynamic_u8, x), onednn.quantize_dynamic_u8(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     acc, w_scale, b = torch.randint(-99999, 99999, (300, 192)).float(), torch.rand(192) / 100, torch.randn(192)
-    assert torch.equal(onednn.fused(reference.epilogue_dynamic, acc, s, w_scale, b, torch.bfloat16),
+    assert torch.equal(fusion.fused(reference.epilogue_dynamic, acc, s, w_scale, b, torch.bfloat16),
                        reference.epilogue_dynamic(acc.to(torch.int32), s, w_scale, b, torch.bfloat16))
-    assert torch.equal(onednn.fused(onednn.epilogue_static, acc, w_scale, torch.bfloat16),
+    assert torch.equal(fusion.fused(onednn.epilogue_static, acc, w_scale, torch.bfloat16),
                        onednn.epilogue_static(acc, w_scale, torch.bfloat16))
 
 
+@pytest.mark.parametrize("name", FAST_CPU)
 @pytest.mark.parametrize("m,n_dynamic", [(1, 0), (9, 0), (37, 20), (64, 64)])
-def test_onednn_masked_rows_equal_split_rows(m, n_dynamic):
+def test_masked_rows_equal_split_rows(name, m, n_dynamic):
     """apply_masked (the compiled graph's form: both quantizations, rows picked by a mask) computes
     what apply computes with the row split as a count."""
-    if "onednn" not in FAST_CPU:
-        pytest.skip("no oneDNN int8 linear in this torch build")
     p = layer(320, 128, seed=5)
     x = activations(m, 128, seed=m)
-    k = kernels.build(p, torch.bfloat16, "onednn")
+    k = kernels.build(p, torch.bfloat16, name)
     mask = (torch.arange(m) < n_dynamic)[:, None]
     assert torch.equal(k.apply_masked(x, mask), k.apply(x, n_dynamic))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (2, 96, 576), (3, 13, 40), (65, 130, 64), (17, 4, 16), (130, 37, 1536)])
+def test_s8gemm_is_exact_for_every_code_and_shape(m, n, k):
+    """pdmix's C GEMM against int64 products summed here: the ends of the int8 range (-128 too, which
+    msModelSlim's static codes reach), ragged n and k (tails off the AVX2 path), more rows than a block."""
+    if s8gemm.library()[0] is None:
+        pytest.skip(s8gemm.library()[1])
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    x[0], w[0] = -128, -128
+    x[-1], w[-1] = 127, -128
+    want = (x.long() @ w.long().T).int()
+    assert torch.equal(s8gemm.gemm(x, w), want)
+    threads = torch.get_num_threads()
+    try:  # columns split over threads: the same integers
+        torch.set_num_threads(2)
+        assert torch.equal(s8gemm.gemm(x, w), want)
+    finally:
+        torch.set_num_threads(threads)

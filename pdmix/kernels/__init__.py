@@ -13,13 +13,18 @@ oracle of the tests.
 import torch
 
 from pdmix.errors import PdmixError
+from pdmix.kernels import onednn
+from pdmix.kernels.cpu_int8 import CpuInt8Kernel
 from pdmix.kernels.cuda import CudaKernel
 from pdmix.kernels.onednn import OneDNNKernel
 from pdmix.kernels.reference import ReferenceKernel
 from pdmix.schemes.w8a8_mix import W8A8Params
 
-BACKENDS = {k.name: k for k in (OneDNNKernel, CudaKernel, ReferenceKernel)}
-PRIORITY = {"cpu": ("onednn", "reference"), "cuda": ("cuda", "reference")}
+BACKENDS = {k.name: k for k in (OneDNNKernel, CpuInt8Kernel, CudaKernel, ReferenceKernel)}
+# On x86 CPUs without VNNI oneDNN's exact int8 GEMM runs twice the arithmetic (onednn.needs_split);
+# there pdmix's own GEMM comes first (kernels/cpu_int8.py).
+CPU_ORDER = ("cpu_int8", "onednn") if onednn.needs_split() else ("onednn", "cpu_int8")
+PRIORITY = {"cpu": (*CPU_ORDER, "reference"), "cuda": ("cuda", "reference")}
 
 
 def check_name(name: str | None) -> None:

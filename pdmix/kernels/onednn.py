@@ -13,10 +13,7 @@ On x86 CPUs without VNNI, oneDNN sums pairs of u8*s8 products in a saturating in
 wrong for codes near the ends of the range; there (found by a check at first use) each code is split
 into two halves below 128 that run as the rows of one call, and the accumulators stay exact.
 
-Quantization and the epilogues are chains of elementwise ops; from COMPILE_MIN_ELEMENTS elements on
-each runs as one torch.compile'd kernel (bit-identical to eager, 3-8x faster at prefill sizes; below
-that the compiled call's overhead outweighs the fusion). PDMIX_COMPILE=0 turns this off; a compiler
-failure falls back to eager once, with a warning.
+Quantization and the epilogues of large steps run as compiled kernels (`fusion.fused`).
 
 Inside a compiled decoder stack (`compile=True`), `apply_masked` is the layer's graph form: the GEMM is
 an opaque op (`pdmix::onednn_gemm`; Inductor cannot take the prepacked weight as a graph input) and
@@ -25,19 +22,16 @@ quantization and epilogues are plain torch that Inductor fuses with the ops arou
 
 import functools
 import itertools
-import os
-import sys
 import weakref
 
 import torch
 
 from pdmix.kernels import reference
+from pdmix.kernels.fusion import fused
 from pdmix.schemes import w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 U8_SHIFT = 128  # int8 value + 128 = uint8 value
-COMPILE_MIN_ELEMENTS = 1 << 15
-_compile = {"enabled": os.environ.get("PDMIX_COMPILE", "1") != "0"}
 
 
 def available() -> bool:
@@ -100,23 +94,6 @@ def quantize_dynamic_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def epilogue_static(acc_plus_bias: torch.Tensor, deq_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """deq_scale * (acc + quant_bias), as the reference (the sum comes exact from the GEMM)."""
     return (deq_scale * acc_plus_bias).to(out_dtype)
-
-
-@functools.cache
-def _compiled(fn):
-    return torch.compile(fn, dynamic=True)
-
-
-def fused(fn, *args):
-    """fn(*args), as one compiled kernel when the tensor is large enough to gain from it."""
-    if _compile["enabled"] and args[0].numel() >= COMPILE_MIN_ELEMENTS:
-        try:
-            return _compiled(fn)(*args)
-        except Exception as e:  # no C++ compiler, an unsupported platform: stay correct, just slower
-            _compile["enabled"] = False
-            print(f"pdmix: warning: torch.compile unavailable ({e.__class__.__name__}); oneDNN kernel runs eager",
-                  file=sys.stderr)
-    return fn(*args)
 
 
 _by_handle: "weakref.WeakValueDictionary[int, OneDNNKernel]" = weakref.WeakValueDictionary()

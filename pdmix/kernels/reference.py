@@ -89,13 +89,16 @@ class ReferenceKernel:
         self.weight_t = p.weight.t()
         self.reduce, self.reduce_max = reduce, reduce_max
 
+    def matmul(self, x_q: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x_q, self.weight_t)
+
     def accumulate(self, x: torch.Tensor, n_dynamic: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(exact int32 accumulators [m, n] of both row sets, the dynamic rows' scales)."""
         p = self.params
         q_dyn, s = quantize_dynamic(x[:n_dynamic], self.reduce_max)
         q_sta = quantize_static(x[n_dynamic:], p.input_scale, p.input_offset)
         q = q_dyn if n_dynamic == x.shape[0] else q_sta if n_dynamic == 0 else torch.cat([q_dyn, q_sta])
-        acc = int8_matmul(q, self.weight_t)
+        acc = self.matmul(q)
         return (acc if self.reduce is None else self.reduce(acc)), s
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:

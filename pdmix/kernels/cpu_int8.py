@@ -1,0 +1,62 @@
+"""W8A8_MIX on CPUs with pdmix's own exact int8 GEMM (`s8gemm`, C): the first backend on x86 CPUs
+without VNNI, where oneDNN's int8 GEMM must run twice the arithmetic to stay exact (onednn.py).
+
+It keeps the checkpoint's int8 weight as it is (no prepacked copy) and streams it once per step:
+at decode (M <= 16) about 4x oneDNN's split GEMM here, at prefill about even (docs/performance.md).
+Quantization and epilogues are the reference's functions, fused for large steps, so outputs are bit
+for bit the reference's.
+"""
+
+import torch
+
+from pdmix.kernels import reference, s8gemm
+from pdmix.kernels.fusion import fused
+from pdmix.schemes.w8a8_mix import W8A8Params
+
+
+class CpuInt8Kernel(reference.ReferenceKernel):
+    name = "cpu_int8"
+
+    @staticmethod
+    def unsupported(device: torch.device, row_parallel: bool) -> str | None:
+        if device.type != "cpu":
+            return "runs on CPU only"
+        if row_parallel:
+            return "a row-parallel shard all-reduces its int32 accumulators in the reference kernel"
+        return s8gemm.library()[1]
+
+    def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
+        assert reduce is None and reduce_max is None
+        super().__init__(W8A8Params(**dict(vars(p), weight=p.weight.contiguous())), out_dtype)
+
+    def matmul(self, x_q: torch.Tensor) -> torch.Tensor:
+        return s8gemm.gemm(x_q, self.params.weight)
+
+    def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
+        """One GEMM over both row sets (a mixed step streams the weight once)."""
+        p, m = self.params, x.shape[0]
+        if m == 0:
+            return x.new_empty((0, p.out_features), dtype=self.out_dtype)
+        q, s = [], None
+        if n_dynamic:
+            q_dyn, s = fused(reference.quantize_dynamic, x[:n_dynamic])
+            q.append(q_dyn)
+        if n_dynamic < m:
+            q.append(fused(reference.quantize_static, x[n_dynamic:], p.input_scale, p.input_offset))
+        acc = self.matmul(q[0] if len(q) == 1 else torch.cat(q))
+        y = []
+        if n_dynamic:
+            y.append(fused(reference.epilogue_dynamic, acc[:n_dynamic], s, p.weight_scale, p.bias_float, self.out_dtype))
+        if n_dynamic < m:
+            y.append(fused(reference.epilogue_static, acc[n_dynamic:], p.deq_scale, p.quant_bias, self.out_dtype))
+        return y[0] if len(y) == 1 else torch.cat(y)
+
+    def apply_masked(self, x: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
+        """apply() with the rows' paths as a bool [m, 1] tensor (True: dynamic), the form inside a
+        compiled graph: every row quantized both ways, one GEMM; the same bits as apply()."""
+        p = self.params
+        q_dyn, s = reference.quantize_dynamic(x)
+        q = torch.where(dynamic, q_dyn, reference.quantize_static(x, p.input_scale, p.input_offset))
+        acc = torch.ops.pdmix.s8gemm(q, p.weight)
+        y_dyn = reference.epilogue_dynamic(acc, s, p.weight_scale, p.bias_float, self.out_dtype)
+        return torch.where(dynamic, y_dyn, reference.epilogue_static(acc, p.deq_scale, p.quant_bias, self.out_dtype))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pdmix.errors import PdmixError
+from pdmix.models.lm_head import CHOICES as LM_HEADS, HELP as LM_HEAD_HELP
 from pdmix.format.description import is_quant_checkpoint
 from pdmix.params import number, whole
 from pdmix.paths import check_output_file, os_reason, write_results
@@ -106,8 +107,9 @@ def greedy_agreement(quant_llm, float_llm, n_prompts: int, new_tokens: int) -> d
 
 def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_frac=0.5, compare=None,
              data_range=(0.0, 1.0), agreement_prompts=20, agreement_tokens=64, device="cpu", quiet=False,
-             float_ppl: float | None = None) -> dict:
-    """float_ppl: the compare model's perplexity on the same windows, when already known."""
+             float_ppl: float | None = None, lm_head: str = "float") -> dict:
+    """float_ppl: the compare model's perplexity on the same windows, when already known. lm_head: the
+    evaluated model's lm_head form (the compare model keeps its float one)."""
     from tqdm import tqdm
 
     from pdmix.runtime.llm import LLM
@@ -118,11 +120,11 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
     if ctx > max_pos:
         raise PdmixError(f"--ctx {ctx}: windows longer than the model's max_position_embeddings {max_pos}")
     limit = min(ctx + agreement_tokens + 256, max_pos)
-    llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device)
+    llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device, lm_head=lm_head)
     windows = token_windows(llm.tokenizer, Path(data), ctx, max_windows, data_range)
     result = {"model": str(model_path), "data": str(data), "data_range": list(data_range), "ctx": ctx,
               "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "prefill_frac": prefill_frac,
-              "device": str(llm.device), "ppl": {}}
+              "lm_head": lm_head, "device": str(llm.device), "ppl": {}}
     t0 = time.time()
     with tqdm(total=len(windows) * (len(modes) + bool(compare and float_ppl is None)), desc="eval", unit="window",
               disable=quiet,
@@ -155,6 +157,7 @@ def add_arguments(p) -> None:
     p.add_argument("--agreement_prompts", type=int, default=20)
     p.add_argument("--agreement_tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--lm_head", default="float", choices=LM_HEADS, help=LM_HEAD_HELP)
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--output", default=None, help="also write the JSON here")
 
@@ -172,7 +175,7 @@ def run(args) -> int:
         raise PdmixError(f"--compare {args.compare} is --model_path itself")
     res = evaluate(args.model_path, args.data, args.ctx, args.max_windows, args.quant_mode, args.prefill_frac,
                    args.compare, parse_range(args.data_range), args.agreement_prompts, args.agreement_tokens,
-                   args.device, quiet=args.json)
+                   args.device, quiet=args.json, lm_head=args.lm_head)
     text = json.dumps(res, indent=2)
     if args.output:
         write_results(args.output, text + "\n")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.models.lm_head import CHOICES as LM_HEADS, HELP as LM_HEAD_HELP
 from pdmix.jsonfile import read_jsonl
 from pdmix.params import whole
 
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
                    help="pdmix: dynamic for prompt rows, static for decode rows; or force one path")
     p.add_argument("--kernel", default=None,
                    help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    p.add_argument("--lm_head", default="float", choices=LM_HEADS, help=LM_HEAD_HELP)
     p.add_argument("--compile", action="store_true",
                    help="compile the decoder stack for decode steps (bit-identical output; ~1 min on first start)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -135,7 +137,8 @@ def load_llm(args, model_path, num_blocks: int | None = None):
     return LLM(model_path, quant_mode=args.quant_mode, block_size=args.block_size, max_batch_size=args.max_batch_size,
                max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
                max_input_length=args.max_input_length, max_output_length=args.max_output_length,
-               num_blocks=num_blocks, device=args.device, kernel=args.kernel, compile=args.compile)
+               num_blocks=num_blocks, device=args.device, kernel=args.kernel, compile=args.compile,
+               lm_head=args.lm_head)
 
 
 def check_flags(args) -> None:

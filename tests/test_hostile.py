@@ -349,6 +349,8 @@ CASES += [
     ("run-seed-65bit", lambda e: e.run(None, "--seed", 2**64), "--seed must be in [0, 18446744073709551615]"),
     ("run-seed-neg", lambda e: e.run(None, "--seed", -1), "--seed must be in [0"),
     ("run-device", lambda e: e.run(None, "--device", "npu"), "--device: invalid choice: 'npu'"),
+    ("run-lm-head", lambda e: e.run(None, "--lm_head", "int4"), "--lm_head: invalid choice: 'int4'"),
+    ("eval-lm-head", lambda e: e.eval(None, "--lm_head", "fp8"), "--lm_head: invalid choice: 'fp8'"),
     # --- run: prompts and text input
     ("run-ids-float", lambda e: e.run(None, "--input_ids", "1.5,2"), "--input_ids '1.5,2'"),
     ("run-ids-vocab", lambda e: e.run(None, "--input_ids", "1,99999"), "token id 99999 is outside the vocabulary"),

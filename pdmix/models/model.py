@@ -10,6 +10,7 @@ from torch import nn
 
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import DecoderLayer, RMSNorm, Rotary
+from pdmix.models.lm_head import int8_head
 from pdmix.models.linear import RowSplit
 
 
@@ -30,8 +31,16 @@ class CausalLM(nn.Module):
         self.norm = norm
         # tied embeddings share one tensor
         self.lm_head = self.embed_tokens if lm_head is embed else nn.Parameter(lm_head, requires_grad=False)
+        self.head_int8 = None  # the int8 form of lm_head, when chosen (pdmix/models/lm_head.py)
         self.rotary = Rotary(cfg, embed.device)
         self.decoder = run_layers
+
+    def use_int8_head(self, backend: str | None = None) -> None:
+        """Compute logits with an int8 lm_head (built here, on the weight's device); an untied float
+        lm_head is let go."""
+        self.head_int8 = int8_head(self.lm_head.detach(), backend)
+        if self.lm_head is not self.embed_tokens:
+            self.lm_head = None
 
     def to(self, device):
         self.rotary.to(device)
@@ -46,5 +55,7 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of some rows, computed in the model dtype as Hugging Face does."""
+        """fp32 logits of some rows, computed in the model dtype as Hugging Face does (or by the int8 lm_head)."""
+        if self.head_int8 is not None:
+            return self.head_int8(hidden)
         return F.linear(hidden, self.lm_head).float()

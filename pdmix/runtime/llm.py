@@ -10,6 +10,7 @@ from pdmix.errors import PdmixError
 from pdmix.format.validate import check_loadable
 from pdmix.models.config import load_config
 from pdmix.models.linear import MODES
+from pdmix.models.lm_head import check_choice as check_lm_head
 from pdmix.params import whole
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.compiled import compile_decoder
@@ -48,7 +49,7 @@ class LLM:
     def __init__(self, model_path, quant_mode: str = "pdmix", block_size: int = 128, max_batch_size: int = 8,
                  max_prefill_tokens: int | None = None, max_input_length: int = 1024, max_output_length: int = 512,
                  num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, lm_head: str = "float"):
         if quant_mode not in MODES:
             raise PdmixError(f"quant_mode must be one of {', '.join(MODES)}, got {quant_mode!r}")
         whole("block_size", block_size, 1, 1 << 16)
@@ -58,6 +59,7 @@ class LLM:
         if num_blocks is not None:
             whole("num_blocks", num_blocks, 1)
         kernels.check_name(kernel)
+        check_lm_head(lm_head, "lm_head")
         cfg = load_config(model_path)
         for name, v in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
             if whole(name, v, 1) > cfg.max_position_embeddings:  # positions past it were never trained
@@ -73,7 +75,7 @@ class LLM:
                         f"max_output_length {max_output_length}) tokens")
         check_loadable(cfg)  # before joining the process group: every rank refuses a bad checkpoint alike
         self.tp, self.device = tpm.init(device)
-        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel)
+        self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, lm_head)
         if compile:
             compile_decoder(self.model, max_batch_size)
         keep_freed_memory()

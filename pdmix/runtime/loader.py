@@ -24,9 +24,11 @@ from pdmix.runtime.tp import TP
 from pdmix.schemes import w8a8_dynamic, w8a8_mix
 
 
-def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: str | None = None) -> CausalLM:
+def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: str | None = None,
+               lm_head: str = "float") -> CausalLM:
     """A folder that passed check_loadable (inspect's checks, shapes against config.json), built layer
-    by layer. kernel: force one W8A8 kernel backend by name (default: the device's priority list)."""
+    by layer. kernel: force one W8A8 kernel backend by name (default: the device's priority list).
+    lm_head: "float" or "int8" (pdmix/models/lm_head.py)."""
     tpm.check_divisible(cfg, tp.size)
     quantized = is_quant_checkpoint(cfg.folder)
     reader = SafetensorsFolder(cfg.folder, quantized)
@@ -41,7 +43,7 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
         layers.append(layer)
     embed = get("model.embed_tokens.weight").to(device)
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in reader
-    lm_head = embed if tied else get("lm_head.weight").to(device)
+    head = embed if tied else get("lm_head.weight").to(device)
     norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
     reader.release()  # every tensor is a copy now: unmap the files, so their pages stop counting as ours
@@ -51,7 +53,10 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
         kind = f"W8A8_MIX, {n_quant} of {len(prefixes)} linears quantized" if quantized else "float"
         print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
               file=sys.stderr)
-    return CausalLM(cfg, embed, layers, norm, lm_head).to(device)
+    model = CausalLM(cfg, embed, layers, norm, head).to(device)
+    if lm_head == "int8":
+        model.use_int8_head(kernel)
+    return model
 
 
 def tensor_getter(reader: SafetensorsFolder, dtype: torch.dtype):

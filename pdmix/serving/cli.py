@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pdmix.errors import PdmixError
+from pdmix.models.lm_head import CHOICES as LM_HEADS, HELP as LM_HEAD_HELP
 from pdmix.params import number, whole
 from pdmix.run_pa import check_engine_flags, load_llm
 
@@ -39,6 +40,7 @@ def add_arguments(p) -> None:
     flag(p, "quant_mode", default="pdmix", choices=("pdmix", "dynamic", "static"))
     flag(p, "device", default="auto", choices=("cpu", "cuda", "auto"))
     flag(p, "kernel", default=None, help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
+    flag(p, "lm_head", default="float", choices=LM_HEADS, help=LM_HEAD_HELP)
     flag(p, "compile", action="store_true",
          help="compile the decoder stack for decode steps (bit-identical output; ~1 min on first start)")
     flag(p, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.models.lm_head import CHOICES as LM_HEADS, HELP as LM_HEAD_HELP
+from pdmix.params import LM_HEAD_HELP, LM_HEADS
 from pdmix.format.description import is_quant_checkpoint
 from pdmix.params import number, whole
 from pdmix.paths import check_output_file, os_reason, write_results

@@ -30,3 +30,14 @@ def boolean(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise PdmixError(f"{name} must be True or False, got {v!r}")
     return v
+
+
+LM_HEADS = ("float", "int8")  # pdmix/models/lm_head.py
+LM_HEAD_HELP = ("the lm_head's form: float (the model dtype, exact) or int8 (weight and activations in int8 blocks of "
+                "32 with their own scales, as llama.cpp's Q8_0; faster decode for a small perplexity cost; never "
+                "written into a checkpoint)")
+
+
+def check_lm_head(lm_head: str, flag: str = "--lm_head") -> None:
+    if lm_head not in LM_HEADS:
+        raise PdmixError(f"{flag} {lm_head!r}: choose from {', '.join(LM_HEADS)}")

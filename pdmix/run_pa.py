@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
-from pdmix.models.lm_head import CHOICES as LM_HEADS, HELP as LM_HEAD_HELP
+from pdmix.params import LM_HEAD_HELP, LM_HEADS
 from pdmix.jsonfile import read_jsonl
 from pdmix.params import whole
 

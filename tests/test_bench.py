@@ -13,10 +13,11 @@ from pdmix.bench.linear import backends_for, linear_shapes, make_linear_pair, ru
 from pdmix.cli import main
 
 # onednn where its int8 GEMM is exact on this CPU (kernels/onednn.py), then the reference
-CPU_BACKENDS = [n for n in ("onednn", "reference") if kernels.BACKENDS[n].unsupported(torch.device("cpu"), False) is None]
+CPU_BACKENDS = [n for n in ("onednn", "cpu_int8", "reference")
+                if kernels.BACKENDS[n].unsupported(torch.device("cpu"), False) is None]
 
 SMOKE = ["bench", "--shape", "tiny", "--layers", "2", "--m", "1,16", "--prompt_lens", "16", "--batch_sizes", "1,2",
-         "--decode_tokens", "4", "--device", "cpu", "--json"]
+         "--decode_tokens", "4", "--device", "cpu", "--lm_head", "int8", "--json"]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,10 @@ def test_smoke_run_writes_complete_json_and_a_table(smoke):
         assert set(point["float"]) >= {"tokens_per_s", "tokens_per_cpu_s"}
         assert point["pdmix"]["speedup"] == pytest.approx(point["pdmix"]["tokens_per_s"] / point["float"]["tokens_per_s"],
                                                           rel=1e-2)
+        assert point["pdmix_int8_head"]["speedup"] == pytest.approx(
+            point["pdmix_int8_head"]["tokens_per_s"] / point["float"]["tokens_per_s"], rel=1e-2)
     assert "ttft_ms" in e2e["prefill"][0]["pdmix"] and "tpot_ms" in e2e["decode"][0]["pdmix"]
-    for engine in ("float", "pdmix"):
+    for engine in ("float", "pdmix", "pdmix_int8_head"):
         facts = e2e["engines"][engine]
         assert facts["tensor_bytes"] > 0 and facts["kv_cache_bytes"] > 0
         assert isinstance(facts["load_rss_bytes"], int)

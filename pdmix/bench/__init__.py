@@ -30,6 +30,7 @@ from pdmix.bench.peaks import bound, machine_peaks
 from pdmix.bench.report import format_table
 from pdmix.bench.settings import (DEFAULT_M, check_args, command_line, int_list, model_dims, name_list,
                                   resolve_settings)
+from pdmix.params import LM_HEADS
 from pdmix.paths import check_output_file, write_results
 from pdmix.synth import SHAPES
 
@@ -66,6 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--kernel", default=None, help="force this kernel backend end to end (default: the device's first)")
     p.add_argument("--compile", action="store_true",
                    help="also run both pdmix engines with their decoder stack compiled (float_compiled, pdmix_compiled)")
+    p.add_argument("--lm_head", default="float", choices=LM_HEADS,
+                   help="int8: also run the pdmix engine with the int8 lm_head (pdmix_int8_head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="JSON to stdout (the table goes to stderr)")
     p.add_argument("--output", default=None, help="write the JSON to this file")

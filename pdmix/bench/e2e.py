@@ -76,7 +76,8 @@ def tensor_bytes(model) -> int:
     return sum(storages.values()) + sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
 
 
-def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None, compile: bool = False) -> tuple:
+def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None, compile: bool = False,
+                lm_head: str = "float") -> tuple:
     """(LLM, load facts): seconds, RSS added by loading beside the model's tensor bytes and its KV cache."""
     from pdmix.runtime.kv_cache import blocks_needed
     from pdmix.runtime.llm import LLM
@@ -90,7 +91,7 @@ def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None,
     llm = LLM(folder, block_size=block, max_batch_size=max(s["batch_sizes"]),
               max_input_length=max(s["prompt_lens"] + [s["decode_prompt_len"]]),
               max_output_length=s["decode_tokens"], num_blocks=num_blocks, device=str(device), kernel=kernel,
-              compile=compile)
+              compile=compile, lm_head=lm_head)
     facts = {"load_s": sig(time.perf_counter() - t), "load_rss_bytes": current_rss() - rss,
              "tensor_bytes": tensor_bytes(llm.model),
              "kv_cache_bytes": sum(c.numel() * c.element_size() for c in llm.engine.cache.k + llm.engine.cache.v)}
@@ -169,13 +170,15 @@ def bench_e2e(args, dims: dict, s: dict, device: torch.device) -> dict:
                   "pdmix_path": str(quant_dir)}
         reset_peak_memory(device)
         engines, result["engines"] = {}, {}
-        folders = [("float", float_dir, False), ("pdmix", quant_dir, False)]
+        folders = [("float", float_dir, False, "float"), ("pdmix", quant_dir, False, "float")]
+        if args.lm_head == "int8":
+            folders.append(("pdmix_int8_head", quant_dir, False, "int8"))
         if args.compile:
-            folders += [("float_compiled", float_dir, True), ("pdmix_compiled", quant_dir, True)]
-        for name, folder, compiled in folders:
+            folders += [("float_compiled", float_dir, True, "float"), ("pdmix_compiled", quant_dir, True, "float")]
+        for name, folder, compiled, lm_head in folders:
             log(f"end to end: loading the {name} engine")
             engines[name], result["engines"][name] = load_engine(
-                folder, s, device, None if name.startswith("float") else args.kernel, compiled)
+                folder, s, device, None if name.startswith("float") else args.kernel, compiled, lm_head)
         hf = load_hf(float_dir) if args.hf else None
         g = torch.Generator().manual_seed(args.seed)
         vocab = engines["float"].cfg.vocab_size

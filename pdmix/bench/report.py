@@ -19,20 +19,23 @@ def linear_table(rows: list, skipped: list, backends: list[str]) -> list[str]:
     return lines
 
 
+SPEEDUPS = ("pdmix", "pdmix_int8_head", "pdmix_compiled")  # the engines whose speed-up columns are printed
+
+
 def e2e_table(e2e: dict, mem_kind: str) -> list[str]:
-    names = [n for n in ("float", "pdmix", "float_compiled", "pdmix_compiled", "transformers")
+    names = [n for n in ("float", "pdmix", "pdmix_int8_head", "float_compiled", "pdmix_compiled", "transformers")
              if any(n in p for p in e2e["prefill"] + e2e["decode"])]
     lines = ["end to end (prompt rows W8A8 dynamic, decode rows static); tok/s and tokens per CPU-second; "
-             "x = pdmix over float (then pdmix_compiled over float_compiled)",
+             "x = pdmix (then pdmix_int8_head) over float, then pdmix_compiled over float_compiled",
              f"{'':<16}" + "".join(f"{n[:12] + ' tok/s':>19}{'/cpu-s':>9}" for n in names)
-             + f"{'x':>7}{'x cpu':>7}" * (1 + ("pdmix_compiled" in names))]
+             + f"{'x':>7}{'x cpu':>7}" * sum(n in names for n in SPEEDUPS)]
     for part, key in (("prefill", "prompt_len"), ("decode", "batch_size")):
         for point in e2e[part]:
             label = f"{part} {'L' if part == 'prefill' else 'B'}={point[key]}"
             cells = "".join(f"{point[n]['tokens_per_s']:>19.1f}{point[n]['tokens_per_cpu_s']:>9.1f}" if n in point
                             else f"{'-':>19}{'-':>9}" for n in names)
             ratios = "".join(f"{point[n]['speedup']:>6.2f}x{point[n]['cpu_speedup']:>6.2f}x"
-                             for n in ("pdmix", "pdmix_compiled") if n in point)
+                             for n in SPEEDUPS if n in point)
             lines.append(f"{label:<16}{cells}{ratios}")
     for name, eng in e2e["engines"].items():
         lines.append(f"{name} engine: load {eng['load_s']:.1f} s, warm-up {eng['warmup_s']:.1f} s, RSS {eng['load_rss_bytes'] / 2**30:+.2f} GiB for "

@@ -1,4 +1,5 @@
-"""pdmix's exact int8 GEMM in C (csrc/s8gemm.c): int8 x [m, k] @ int8 w [n, k]^T -> int32 [m, n].
+"""pdmix's exact int8 GEMMs in C (csrc/s8gemm.c): int8 x [m, k] @ int8 w [n, k]^T -> int32 [m, n]
+(the cpu_int8 backend), and the same in 32-wide scaled blocks -> fp32 (the int8 lm_head).
 
 Built with the system C compiler (`$CC`, default `cc`) at first use, cached under
 $PDMIX_HOME/kernels keyed by the source and the compiler, and loaded with ctypes (which lets go of
@@ -73,6 +74,9 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.pdmix_s8gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int]
     lib.pdmix_s8gemm.restype = ctypes.c_int
+    lib.pdmix_q8_0_gemm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.pdmix_q8_0_gemm.restype = ctypes.c_int
     lib.pdmix_s8gemm_isa.restype = ctypes.c_int
     return lib, None
 
@@ -91,6 +95,19 @@ def gemm(x_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if m and library()[0].pdmix_s8gemm(x_q.data_ptr(), m, weight.data_ptr(), n, k, out.data_ptr(),
                                        torch.get_num_threads()):
         raise MemoryError(f"s8gemm: no memory for a {m} x {k} int16 buffer")
+    return out
+
+
+def q8_0_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """fp32 [m, n] from 32-wide blocks (llama.cpp's Q8_0 x Q8_0): x_q int8 [m, k] with fp32 scales
+    [m, k / 32], weight int8 [n, k] with fp32 scales [n, k / 32]; each block's dot product exact in
+    int32, the scaled sum in a fixed fp32 order (a row's result does not depend on the other rows)."""
+    x_q, x_scales = x_q.contiguous(), x_scales.to(torch.float32).contiguous()
+    m, (n, k) = x_q.shape[0], weight.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and library()[0].pdmix_q8_0_gemm(x_q.data_ptr(), x_scales.data_ptr(), m, weight.data_ptr(),
+                                          w_scales.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"q8_0_gemm: no memory for a {m} x {k} int16 buffer")
     return out
 
 

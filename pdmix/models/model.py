@@ -10,7 +10,7 @@ from torch import nn
 
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import DecoderLayer, RMSNorm, Rotary
-from pdmix.models.lm_head import int8_head
+from pdmix.models.lm_head import Int8Head
 from pdmix.models.linear import RowSplit
 
 
@@ -35,10 +35,10 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg, embed.device)
         self.decoder = run_layers
 
-    def use_int8_head(self, backend: str | None = None) -> None:
+    def use_int8_head(self) -> None:
         """Compute logits with an int8 lm_head (built here, on the weight's device); an untied float
         lm_head is let go."""
-        self.head_int8 = int8_head(self.lm_head.detach(), backend)
+        self.head_int8 = Int8Head(self.lm_head.detach())
         if self.lm_head is not self.embed_tokens:
             self.lm_head = None
 

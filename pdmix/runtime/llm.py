@@ -10,8 +10,7 @@ from pdmix.errors import PdmixError
 from pdmix.format.validate import check_loadable
 from pdmix.models.config import load_config
 from pdmix.models.linear import MODES
-from pdmix.models.lm_head import check_choice as check_lm_head
-from pdmix.params import whole
+from pdmix.params import check_lm_head, whole
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.compiled import compile_decoder
 from pdmix.runtime.engine import Engine, Stats

@@ -55,7 +55,7 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
               file=sys.stderr)
     model = CausalLM(cfg, embed, layers, norm, head).to(device)
     if lm_head == "int8":
-        model.use_int8_head(kernel)
+        model.use_int8_head()
     return model
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pdmix.errors import PdmixError
-from pdmix.models.lm_head import CHOICES as LM_HEADS, HELP as LM_HEAD_HELP
+from pdmix.params import LM_HEAD_HELP, LM_HEADS
 from pdmix.params import number, whole
 from pdmix.run_pa import check_engine_flags, load_llm
 

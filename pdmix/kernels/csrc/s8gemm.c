@@ -111,6 +111,74 @@ __attribute__((target("avx2"))) static void gemm_avx2(const int8_t *x, int64_t m
             for (int64_t r = 0; r < mb; r++) tile_1x1(x16 + r * k, w, j, k, out + (i0 + r) * n);
     }
 }
+
+/* ---- Blocks of 32 with their own scales (llama.cpp's Q8_0 x Q8_0): out[i][j] =
+   sum_b dx[i][b] * dw[j][b] * (integer dot product of block b), the block sums exact in int32, the
+   scaled sum in fp32 in a fixed order (lanes, then blocks, then a fixed lane reduction), so a row's
+   result does not depend on the other rows, the blocking or the thread count. */
+
+__attribute__((target("avx2,fma"))) static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define QBLOCK(acc, a_lo, a_hi, q, d)                                                                      \
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(a_lo, WQ(q, 0)),           \
+                                                               _mm256_madd_epi16(a_hi, WQ(q, 16)))),        \
+                          _mm256_set1_ps(d), acc)
+#define WQ(q, off) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (j + (q)) * k + p + (off))))
+
+/* one row of x against four rows of w */
+__attribute__((target("avx2,fma"))) static void q8_tile_1x4(const int16_t *x0, const float *dx0, const int8_t *w,
+                                                              const float *dw, int64_t j, int64_t k, float *o0,
+                                                              const int8_t *ahead) {
+    int64_t nb = k / 32;
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t b = 0, p = 0; b < nb; b++, p += 32) {
+        PREFETCH(ahead);
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(x0 + p)), hi = _mm256_loadu_si256((const __m256i *)(x0 + p + 16));
+        QBLOCK(c0, lo, hi, 0, dx0[b] * dw[(j + 0) * nb + b]);
+        QBLOCK(c1, lo, hi, 1, dx0[b] * dw[(j + 1) * nb + b]);
+        QBLOCK(c2, lo, hi, 2, dx0[b] * dw[(j + 2) * nb + b]);
+        QBLOCK(c3, lo, hi, 3, dx0[b] * dw[(j + 3) * nb + b]);
+    }
+    o0[j] = hsum_ps(c0); o0[j + 1] = hsum_ps(c1); o0[j + 2] = hsum_ps(c2); o0[j + 3] = hsum_ps(c3);
+}
+
+__attribute__((target("avx2,fma"))) static void q8_tile_1x1(const int16_t *x0, const float *dx0, const int8_t *w,
+                                                              const float *dw, int64_t j, int64_t k, float *o0) {
+    int64_t nb = k / 32;
+    __m256 c0 = _mm256_setzero_ps();
+    for (int64_t b = 0, p = 0; b < nb; b++, p += 32) {
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(x0 + p)), hi = _mm256_loadu_si256((const __m256i *)(x0 + p + 16));
+        QBLOCK(c0, lo, hi, 0, dx0[b] * dw[j * nb + b]);
+    }
+    o0[j] = hsum_ps(c0);
+}
+
+__attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const int8_t *x, const float *dx, int64_t m,
+                                                               const int8_t *w, const float *dw, int64_t n0,
+                                                               int64_t n1, int64_t k, float *out, int64_t n,
+                                                               int16_t *x16) {
+    int64_t nb = k / 32;
+    for (int64_t i0 = 0; i0 < m; i0 += MB) {
+        int64_t mb = m - i0 < MB ? m - i0 : MB;
+        for (int64_t r = 0; r < mb; r++)
+            for (int64_t p = 0; p < k; p += 16)
+                _mm256_storeu_si256((__m256i *)(x16 + r * k + p),
+                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + (i0 + r) * k + p))));
+        int64_t j = n0;
+        for (; j + 4 <= n1; j += 4) {
+            const int8_t *ahead = j + AHEAD + 4 <= n1 ? w + (j + AHEAD) * k : 0;
+            for (int64_t r = 0; r < mb; r++, ahead = 0)
+                q8_tile_1x4(x16 + r * k, dx + (i0 + r) * nb, w, dw, j, k, out + (i0 + r) * n, ahead);
+        }
+        for (; j < n1; j++)
+            for (int64_t r = 0; r < mb; r++) q8_tile_1x1(x16 + r * k, dx + (i0 + r) * nb, w, dw, j, k, out + (i0 + r) * n);
+    }
+}
 #endif
 
 /* Which path runs: 2 = AVX2, 1 = plain C. */
@@ -141,6 +209,46 @@ int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int64_t n, int64_t
         }
 #endif
         gemm_plain(x, m, w, n0, n1, k, out, n);
+    }
+    return failed ? -1 : 0;
+}
+
+static void q8_gemm_plain(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n0,
+                          int64_t n1, int64_t k, float *out, int64_t n) {
+    int64_t nb = k / 32;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = n0; j < n1; j++) {
+            float s = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                int32_t t = 0;
+                for (int64_t p = b * 32; p < b * 32 + 32; p++) t += (int32_t)x[i * k + p] * (int32_t)w[j * k + p];
+                s += (float)t * (dx[i * nb + b] * dw[j * nb + b]);
+            }
+            out[i * n + j] = s;
+        }
+}
+
+/* out [m, n] fp32 from 32-wide blocks: x [m, k] int8 with scales dx [m, k/32], w [n, k] int8 with
+   scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if a buffer could not be allocated. */
+int pdmix_q8_0_gemm(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n,
+                    int64_t k, float *out, int threads) {
+    int avx2 = pdmix_s8gemm_isa() == 2;
+    int64_t parts = threads > 1 && n >= 64 * threads ? threads : 1;
+    int failed = 0;
+#pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
+    for (int64_t t = 0; t < parts; t++) {
+        int64_t n0 = (n * t / parts) & ~(int64_t)3, n1 = t == parts - 1 ? n : (n * (t + 1) / parts) & ~(int64_t)3;
+#ifdef PDMIX_X86
+        if (avx2) {
+            int64_t rows = m < MB ? m : MB;
+            int16_t *x16 = (int16_t *)malloc((size_t)(rows * k) * sizeof(int16_t));
+            if (!x16) { failed = 1; continue; }
+            q8_gemm_avx2(x, dx, m, w, dw, n0, n1, k, out, n, x16);
+            free(x16);
+            continue;
+        }
+#endif
+        q8_gemm_plain(x, dx, m, w, dw, n0, n1, k, out, n);
     }
     return failed ? -1 : 0;
 }

@@ -1,5 +1,9 @@
 """Kernel backends against the reference backend (the SPEC §5 oracle) on the same layer and rows."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -168,3 +172,22 @@ def test_s8gemm_is_exact_for_every_code_and_shape(m, n, k):
         assert torch.equal(s8gemm.gemm(x, w), want)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_s8gemm_plain_c_path_computes_what_the_avx2_path_does(tmp_path):
+    """The portable loops (CPUs without AVX2), forced in a child process: the same integers, and the
+    same blocked sums up to fp32 order."""
+    if s8gemm.library()[0] is None:
+        pytest.skip(s8gemm.library()[1])
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-128, 128, (3, 64), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (70, 64), dtype=torch.int8, generator=g)
+    dx, dw = torch.rand(3, 2, generator=g), torch.rand(70, 2, generator=g)
+    torch.save((x, w, dx, dw), tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import s8gemm; x, w, dx, dw = torch.load(sys.argv[1]); "
+            "assert s8gemm.isa() == 'plain'; torch.save((s8gemm.gemm(x, w), s8gemm.q8_0_gemm(x, dx, w, dw)), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
+                   env={**os.environ, "PDMIX_S8GEMM_PLAIN": "1"})
+    acc, blocks = torch.load(tmp_path / "out.pt")
+    assert torch.equal(acc, s8gemm.gemm(x, w))
+    assert torch.allclose(blocks, s8gemm.q8_0_gemm(x, dx, w, dw), rtol=1e-5, atol=1e-3)

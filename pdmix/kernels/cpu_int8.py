@@ -11,6 +11,7 @@ import torch
 
 from pdmix.kernels import reference, s8gemm
 from pdmix.kernels.fusion import fused
+from pdmix.kernels.onednn import cpu_layer_unsupported
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 
@@ -19,11 +20,7 @@ class CpuInt8Kernel(reference.ReferenceKernel):
 
     @staticmethod
     def unsupported(device: torch.device, row_parallel: bool) -> str | None:
-        if device.type != "cpu":
-            return "runs on CPU only"
-        if row_parallel:
-            return "a row-parallel shard all-reduces its int32 accumulators in the reference kernel"
-        return s8gemm.library()[1]
+        return cpu_layer_unsupported(device, row_parallel) or s8gemm.library()[1]
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
         assert reduce is None and reduce_max is None

@@ -82,7 +82,8 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def isa() -> str | None:
-    """The path the library runs on this CPU ("avx2" or "plain"), None if it is unavailable."""
+    """The path the library runs on this CPU ("avx2" or "plain"; PDMIX_S8GEMM_PLAIN=1 forces plain),
+    None if it is unavailable."""
     lib = library()[0]
     return None if lib is None else {2: "avx2", 1: "plain"}[lib.pdmix_s8gemm_isa()]
 

@@ -21,8 +21,18 @@
 #define AHEAD 8 /* weight rows prefetched ahead: rows are short (k bytes), too short for the
                    hardware prefetcher to follow four of them at once (1.4x at decode here) */
 
-static void gemm_plain(const int8_t *x, int64_t m, const int8_t *w, int64_t n0, int64_t n1, int64_t k,
-                       int32_t *out, int64_t n) {
+/* One call's operands; out is int32 (s8gemm) or fp32 (q8_0, with the block scales dx, dw). */
+struct problem {
+    const int8_t *x, *w;
+    const float *dx, *dw;
+    int64_t m, n, k;
+    void *out;
+};
+
+static void gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
+    const int8_t *x = a->x, *w = a->w;
+    int64_t m = a->m, n = a->n, k = a->k;
+    int32_t *out = (int32_t *)a->out;
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = n0; j < n1; j++) {
             int32_t s = 0;
@@ -45,6 +55,12 @@ __attribute__((target("avx2"))) static inline int32_t hsum(__m256i v) {
 #define PREFETCH(ahead)                                                                                    \
     if ((ahead) && (p & 63) == 0)                                                                         \
         for (int q = 0; q < 4; q++) _mm_prefetch((const char *)((ahead) + q * k + p), _MM_HINT_T0)
+
+/* rows x [mb, k] int8 -> x16 [mb, k] int16, k % 16 == 0 */
+__attribute__((target("avx2"))) static void widen(const int8_t *x, int64_t mb, int64_t k, int16_t *x16) {
+    for (int64_t p = 0; p < mb * k; p += 16)
+        _mm256_storeu_si256((__m256i *)(x16 + p), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + p))));
+}
 
 /* two rows of x against four rows of w */
 __attribute__((target("avx2"))) static void tile_2x4(const int16_t *x0, const int16_t *x1, const int8_t *w,
@@ -89,15 +105,14 @@ __attribute__((target("avx2"))) static void tile_1x1(const int16_t *x0, const in
 }
 
 /* k % 16 == 0; columns [n0, n1) of out. x16: the block's rows widened to int16 (a per-thread buffer). */
-__attribute__((target("avx2"))) static void gemm_avx2(const int8_t *x, int64_t m, const int8_t *w, int64_t n0,
-                                                        int64_t n1, int64_t k, int32_t *out, int64_t n,
+__attribute__((target("avx2"))) static void gemm_avx2(const struct problem *a, int64_t n0, int64_t n1,
                                                         int16_t *x16) {
+    const int8_t *x = a->x, *w = a->w;
+    int64_t m = a->m, n = a->n, k = a->k;
+    int32_t *out = (int32_t *)a->out;
     for (int64_t i0 = 0; i0 < m; i0 += MB) {
         int64_t mb = m - i0 < MB ? m - i0 : MB;
-        for (int64_t r = 0; r < mb; r++)
-            for (int64_t p = 0; p < k; p += 16)
-                _mm256_storeu_si256((__m256i *)(x16 + r * k + p),
-                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + (i0 + r) * k + p))));
+        widen(x + i0 * k, mb, k, x16);
         int64_t j = n0;
         for (; j + 4 <= n1; j += 4) {
             /* the first pass over a group of rows fetches them (the others find them in L1) */
@@ -158,17 +173,15 @@ __attribute__((target("avx2,fma"))) static void q8_tile_1x1(const int16_t *x0, c
     o0[j] = hsum_ps(c0);
 }
 
-__attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const int8_t *x, const float *dx, int64_t m,
-                                                               const int8_t *w, const float *dw, int64_t n0,
-                                                               int64_t n1, int64_t k, float *out, int64_t n,
+__attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const struct problem *a, int64_t n0, int64_t n1,
                                                                int16_t *x16) {
-    int64_t nb = k / 32;
+    const int8_t *x = a->x, *w = a->w;
+    const float *dx = a->dx, *dw = a->dw;
+    int64_t m = a->m, n = a->n, k = a->k, nb = k / 32;
+    float *out = (float *)a->out;
     for (int64_t i0 = 0; i0 < m; i0 += MB) {
         int64_t mb = m - i0 < MB ? m - i0 : MB;
-        for (int64_t r = 0; r < mb; r++)
-            for (int64_t p = 0; p < k; p += 16)
-                _mm256_storeu_si256((__m256i *)(x16 + r * k + p),
-                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + (i0 + r) * k + p))));
+        widen(x + i0 * k, mb, k, x16);
         int64_t j = n0;
         for (; j + 4 <= n1; j += 4) {
             const int8_t *ahead = j + AHEAD + 4 <= n1 ? w + (j + AHEAD) * k : 0;
@@ -181,42 +194,45 @@ __attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const int8_t *x, co
 }
 #endif
 
-/* Which path runs: 2 = AVX2, 1 = plain C. */
+/* Which path runs: 2 = AVX2, 1 = plain C (also when PDMIX_S8GEMM_PLAIN is set, for the tests). */
 int pdmix_s8gemm_isa(void) {
+    if (getenv("PDMIX_S8GEMM_PLAIN")) return 1;
 #ifdef PDMIX_X86
     if (__builtin_cpu_supports("avx2")) return 2;
 #endif
     return 1;
 }
 
-/* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8; columns split over `threads` threads.
+typedef void (*avx2_part)(const struct problem *, int64_t, int64_t, int16_t *);
+typedef void (*plain_part)(const struct problem *, int64_t, int64_t);
+
+/* Columns split over `threads` threads (groups of 4), each with its own int16 buffer for the AVX2 path.
    Returns 0, or -1 if a buffer could not be allocated. */
-int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int64_t n, int64_t k, int32_t *out, int threads) {
-    int avx2 = pdmix_s8gemm_isa() == 2 && k % 16 == 0;
-    int64_t parts = threads > 1 && n >= 64 * threads ? threads : 1;
+static int run(const struct problem *a, int threads, avx2_part avx2, plain_part plain) {
+    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1;
     int failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
         int64_t n0 = (n * t / parts) & ~(int64_t)3, n1 = t == parts - 1 ? n : (n * (t + 1) / parts) & ~(int64_t)3;
-#ifdef PDMIX_X86
         if (avx2) {
-            int64_t rows = m < MB ? m : MB;
-            int16_t *x16 = (int16_t *)malloc((size_t)(rows * k) * sizeof(int16_t));
+            int64_t rows = a->m < MB ? a->m : MB;
+            int16_t *x16 = (int16_t *)malloc((size_t)(rows * a->k) * sizeof(int16_t));
             if (!x16) { failed = 1; continue; }
-            gemm_avx2(x, m, w, n0, n1, k, out, n, x16);
+            avx2(a, n0, n1, x16);
             free(x16);
-            continue;
+        } else {
+            plain(a, n0, n1);
         }
-#endif
-        gemm_plain(x, m, w, n0, n1, k, out, n);
     }
     return failed ? -1 : 0;
 }
 
-static void q8_gemm_plain(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n0,
-                          int64_t n1, int64_t k, float *out, int64_t n) {
-    int64_t nb = k / 32;
-    for (int64_t i = 0; i < m; i++)
+static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
+    const int8_t *x = a->x, *w = a->w;
+    const float *dx = a->dx, *dw = a->dw;
+    int64_t n = a->n, k = a->k, nb = k / 32;
+    float *out = (float *)a->out;
+    for (int64_t i = 0; i < a->m; i++)
         for (int64_t j = n0; j < n1; j++) {
             float s = 0;
             for (int64_t b = 0; b < nb; b++) {
@@ -228,27 +244,22 @@ static void q8_gemm_plain(const int8_t *x, const float *dx, int64_t m, const int
         }
 }
 
+#ifdef PDMIX_X86
+#define AVX2_OR_NULL(fn, ok) ((ok) && pdmix_s8gemm_isa() == 2 ? (fn) : (avx2_part)0)
+#else
+#define AVX2_OR_NULL(fn, ok) ((avx2_part)0)
+#endif
+
+/* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8. Returns 0, or -1 if out of memory. */
+int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int64_t n, int64_t k, int32_t *out, int threads) {
+    struct problem a = {x, w, 0, 0, m, n, k, out};
+    return run(&a, threads, AVX2_OR_NULL(gemm_avx2, k % 16 == 0), gemm_plain);
+}
+
 /* out [m, n] fp32 from 32-wide blocks: x [m, k] int8 with scales dx [m, k/32], w [n, k] int8 with
-   scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if a buffer could not be allocated. */
+   scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if out of memory. */
 int pdmix_q8_0_gemm(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n,
                     int64_t k, float *out, int threads) {
-    int avx2 = pdmix_s8gemm_isa() == 2;
-    int64_t parts = threads > 1 && n >= 64 * threads ? threads : 1;
-    int failed = 0;
-#pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
-    for (int64_t t = 0; t < parts; t++) {
-        int64_t n0 = (n * t / parts) & ~(int64_t)3, n1 = t == parts - 1 ? n : (n * (t + 1) / parts) & ~(int64_t)3;
-#ifdef PDMIX_X86
-        if (avx2) {
-            int64_t rows = m < MB ? m : MB;
-            int16_t *x16 = (int16_t *)malloc((size_t)(rows * k) * sizeof(int16_t));
-            if (!x16) { failed = 1; continue; }
-            q8_gemm_avx2(x, dx, m, w, dw, n0, n1, k, out, n, x16);
-            free(x16);
-            continue;
-        }
-#endif
-        q8_gemm_plain(x, dx, m, w, dw, n0, n1, k, out, n);
-    }
-    return failed ? -1 : 0;
+    struct problem a = {x, w, dx, dw, m, n, k, out};
+    return run(&a, threads, AVX2_OR_NULL(q8_gemm_avx2, 1), q8_gemm_plain);
 }

@@ -15,7 +15,7 @@ from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
 
 CPU = torch.device("cpu")
-FAST_CPU = [n for n in kernels.PRIORITY["cpu"] if n != "reference" and kernels.BACKENDS[n].unsupported(CPU, False) is None]
+FAST_CPU = [n for n in kernels.priority("cpu") if n != "reference" and kernels.BACKENDS[n].unsupported(CPU, False) is None]
 ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -89,7 +89,7 @@ def test_onednn_accumulators_are_exact_at_the_ends_of_the_code_range():
 def test_priority_list_and_forcing():
     # pdmix's own GEMM first where oneDNN needs twice the arithmetic to be exact (no VNNI)
     first = "cpu_int8" if onednn.needs_split() else "onednn"
-    assert kernels.choose(CPU).name == kernels.PRIORITY["cpu"][0] == first
+    assert kernels.choose(CPU).name == kernels.priority("cpu")[0] == first
     # a row-parallel shard needs the exact int32 all-reduce: only the reference exposes its accumulator
     assert kernels.choose(CPU, row_parallel=True).name == "reference"
     assert kernels.choose(CPU, name="reference").name == "reference"

@@ -21,10 +21,15 @@ from pdmix.kernels.reference import ReferenceKernel
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 BACKENDS = {k.name: k for k in (OneDNNKernel, CpuInt8Kernel, CudaKernel, ReferenceKernel)}
-# On x86 CPUs without VNNI oneDNN's exact int8 GEMM runs twice the arithmetic (onednn.needs_split);
-# there pdmix's own GEMM comes first (kernels/cpu_int8.py).
-CPU_ORDER = ("cpu_int8", "onednn") if onednn.needs_split() else ("onednn", "cpu_int8")
-PRIORITY = {"cpu": (*CPU_ORDER, "reference"), "cuda": ("cuda", "reference")}
+
+
+def priority(device_type: str) -> tuple[str, ...]:
+    """The backends a device type tries, in order. On x86 CPUs without VNNI oneDNN's exact int8 GEMM
+    runs twice the arithmetic (onednn.needs_split, checked at first use, not at import); there pdmix's
+    own GEMM comes first (kernels/cpu_int8.py)."""
+    if device_type == "cpu":
+        return ("cpu_int8", "onednn", "reference") if onednn.needs_split() else ("onednn", "cpu_int8", "reference")
+    return ("cuda", "reference") if device_type == "cuda" else ("reference",)
 
 
 def check_name(name: str | None) -> None:
@@ -41,7 +46,7 @@ def choose(device: torch.device, row_parallel: bool = False, name: str | None = 
         if why:
             raise PdmixError(f"--kernel {name}: cannot run this layer on {device.type}: {why}")
         return BACKENDS[name]
-    for candidate in PRIORITY.get(device.type, ("reference",)):
+    for candidate in priority(device.type):
         if BACKENDS[candidate].unsupported(device, row_parallel) is None:
             return BACKENDS[candidate]
     return ReferenceKernel

@@ -65,13 +65,14 @@ def needs_split() -> bool | None:
     codes near the ends of the range (255 * 127 * 2 > 32767). Checked once, on those codes."""
     if not available():
         return None
-    k = 64
-    w = torch.full((4, k), 127, dtype=torch.int8)
+    k, cpu = 64, torch.device("cpu")  # explicit dtypes and device: callers (vLLM) may have changed the defaults
+    w = torch.full((4, k), 127, dtype=torch.int8, device=cpu)
     w[1::2] = -127
-    x = torch.full((3, k), 255, dtype=torch.uint8)
+    x = torch.full((3, k), 255, dtype=torch.uint8, device=cpu)
     x[1], x[2, ::2] = 0, 1
     want = ((x.int() - U8_SHIFT) @ w.int().T).float()
-    packed, ones, zeros = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(4), torch.zeros(4, dtype=torch.int64)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    ones, zeros = torch.ones(4, dtype=torch.float32, device=cpu), torch.zeros(4, dtype=torch.int64, device=cpu)
     if torch.equal(qlinear(x, U8_SHIFT, packed, ones, zeros, None), want):
         return False
     shift = U8_SHIFT * w.int().sum(1).float()

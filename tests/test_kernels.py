@@ -191,3 +191,11 @@ def test_s8gemm_plain_c_path_computes_what_the_avx2_path_does(tmp_path):
     acc, blocks = torch.load(tmp_path / "out.pt")
     assert torch.equal(acc, s8gemm.gemm(x, w))
     assert torch.allclose(blocks, s8gemm.q8_0_gemm(x, dx, w, dw), rtol=1e-5, atol=1e-3)
+
+
+def test_backend_choice_works_under_another_default_dtype():
+    """vLLM's workers import pdmix while bf16 is torch's default dtype: the CPU check must not care."""
+    code = ("import torch; torch.set_default_dtype(torch.bfloat16); from pdmix import kernels; "
+            "print(kernels.choose(torch.device('cpu')).name)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out[-1] == kernels.choose(CPU).name

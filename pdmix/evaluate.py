@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.params import LM_HEAD_HELP, LM_HEADS
 from pdmix.format.description import is_quant_checkpoint
-from pdmix.params import number, whole
+from pdmix.params import LM_HEAD_HELP, LM_HEADS, number, whole
 from pdmix.paths import check_output_file, os_reason, write_results
 
 MODES = ("dynamic", "static", "pdmix")

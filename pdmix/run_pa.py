@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 from pdmix.errors import PdmixError
-from pdmix.params import LM_HEAD_HELP, LM_HEADS
 from pdmix.jsonfile import read_jsonl
-from pdmix.params import whole
+from pdmix.params import LM_HEAD_HELP, LM_HEADS, whole
 
 DEFAULT_INPUT = "What's deep learning?"
 

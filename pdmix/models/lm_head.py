@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdmix.kernels import s8gemm
-from pdmix.schemes.w8a8_mix import TINY
+from pdmix.kernels import reference, s8gemm
 
 BLOCK = 32
 
@@ -32,7 +31,7 @@ class Int8Head(nn.Module):
         super().__init__()
         n, k = weight.shape
         self.pad = -k % BLOCK
-        q, d = torch.empty((n, k + self.pad), dtype=torch.int8), torch.empty((n, (k + self.pad) // BLOCK))
+        q, d = torch.empty((n, k + self.pad), dtype=torch.int8), torch.empty((n, (k + self.pad) // BLOCK), dtype=torch.float32)
         for r in range(0, n, rows_per_chunk):  # bounded fp32 temporaries
             q[r:r + rows_per_chunk], d[r:r + rows_per_chunk] = quantize_blocks(self.padded(weight[r:r + rows_per_chunk].cpu()))
         self.register_buffer("weight", q.to(weight.device))
@@ -49,12 +48,10 @@ class Int8Head(nn.Module):
 
 
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [r, k] -> (int8 codes [r, k], fp32 scales [r, k / BLOCK]): round(x / s) with s = max|x| / 127
-    per block of BLOCK (fp32 math)."""
-    b = x.to(torch.float32).reshape(x.shape[0], -1, BLOCK)
-    s = b.abs().amax(-1) / 127
-    q = torch.round(b / s.clamp(min=TINY)[..., None]).clamp(-127, 127).to(torch.int8)
-    return q.reshape(x.shape), s
+    """Rows [r, k] -> (int8 codes [r, k], fp32 scales [r, k / BLOCK]): SPEC §5's per-token quantization
+    (round(x / s), s = max|x| / 127) with each block of BLOCK as a token."""
+    q, s = reference.quantize_dynamic(x.reshape(-1, BLOCK))
+    return q.reshape(x.shape), s.reshape(x.shape[0], -1)
 
 
 def blocks_matmul(x_q, x_scales, weight, w_scales, rows_per_chunk: int = 8) -> torch.Tensor:

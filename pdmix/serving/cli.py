@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from pdmix.errors import PdmixError
-from pdmix.params import LM_HEAD_HELP, LM_HEADS
-from pdmix.params import number, whole
+from pdmix.params import LM_HEAD_HELP, LM_HEADS, number, whole
 from pdmix.run_pa import check_engine_flags, load_llm
 
 

@@ -194,13 +194,18 @@ __attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const struct proble
 }
 #endif
 
-/* Which path runs: 2 = AVX2, 1 = plain C (also when PDMIX_S8GEMM_PLAIN is set, for the tests). */
+/* Which path runs: 2 = AVX2, 1 = plain C (also when PDMIX_S8GEMM_PLAIN is set, for the tests).
+   Decided once per process: every GEMM call asks. */
 int pdmix_s8gemm_isa(void) {
-    if (getenv("PDMIX_S8GEMM_PLAIN")) return 1;
+    static int isa = 0; /* set once, whole: a thread never sees a half-made choice */
+    if (!isa) {
+        int chosen = 1;
 #ifdef PDMIX_X86
-    if (__builtin_cpu_supports("avx2")) return 2;
+        if (!getenv("PDMIX_S8GEMM_PLAIN") && __builtin_cpu_supports("avx2")) chosen = 2;
 #endif
-    return 1;
+        isa = chosen;
+    }
+    return isa;
 }
 
 typedef void (*avx2_part)(const struct problem *, int64_t, int64_t, int16_t *);

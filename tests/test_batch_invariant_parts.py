@@ -4,9 +4,11 @@ computed in a batch must equal, bit for bit, the same row computed alone."""
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from pdmix.kernels import cpu_attention
 from pdmix.models.linear import FloatLinear
 from pdmix.runtime.attention import SeqRows, decode_attention, decode_group
 from pdmix.runtime.kv_cache import KVCache, Slots, token_slots
@@ -20,15 +22,25 @@ def softmax_attention(q, k, v):
     return torch.einsum("hl,lhd->hd", p, v)
 
 
-def test_decode_attention_of_a_sequence_is_the_same_alone_or_beside_longer_ones():
-    g = torch.Generator().manual_seed(0)
-    block, kv, heads, d = 16, 2, 6, 32
-    rng = random.Random(0)
+@pytest.fixture(params=["c", "torch"])
+def attention_form(request, monkeypatch):
+    """Both forms of decode attention and the cache write: C (kernels/cpu_attention.py) and torch."""
+    if request.param == "c" and not cpu_attention.usable(torch.zeros(1), torch.zeros(1)):
+        pytest.skip("pdmix's C kernels are unavailable here")
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_attention, "usable", lambda *a: False)
+    return request.param
+
+
+def random_cache(lengths, block=16, kv=2, d=32, seed=0):
+    """A cache holding random k/v for sequences of the given lengths on shuffled blocks, with their rows
+    (as decode rows) and their k/v."""
+    g, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     cache = KVCache(1, 96, block, kv, d, torch.float32, torch.device("cpu"))
     free = list(range(96))
     rng.shuffle(free)
     seqs, keys, values = [], [], []
-    for length in (1, 5, 16, 17, 40, 100, 250, 333):  # 1 to 21 blocks: padding to the longest varies a lot
+    for length in lengths:
         table = [free.pop() for _ in range(-(-length // block))]
         k = torch.randn(length, kv, d, generator=g)
         v = torch.randn(length, kv, d, generator=g)
@@ -36,6 +48,14 @@ def test_decode_attention_of_a_sequence_is_the_same_alone_or_beside_longer_ones(
         seqs.append(SeqRows(len(seqs), 1, length - 1, table))
         keys.append(k)
         values.append(v)
+    return cache, seqs, keys, values
+
+
+def test_decode_attention_of_a_sequence_is_the_same_alone_or_beside_longer_ones(attention_form):
+    g, rng = torch.Generator().manual_seed(0), random.Random(0)
+    block, heads, d = 16, 6, 32
+    # 1 to 21 blocks: padding to the longest varies a lot
+    cache, seqs, keys, values = random_cache((1, 5, 16, 17, 40, 100, 250, 333), block, 2, d)
     q = torch.randn(len(seqs), heads, d, generator=g).bfloat16()
     alone = [decode_attention(q[i:i + 1], cache, 0, decode_group([s], block, "cpu"))[0] for i, s in enumerate(seqs)]
     for trial in range(20):
@@ -60,3 +80,39 @@ def test_float_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm():
         for m in (2, 3, 7, 16, 17, 33, 64, 129, 300):
             if m <= rows:
                 assert torch.equal(layer(x[:m]), alone[:m]), (n, k, m)
+
+
+def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch):
+    """The C cache write stores exactly what torch's indexing stores (bf16 rows, and strided views
+    as a fused q/k/v output gives); C decode attention equals the torch form within fp32 rounding,
+    and does not depend on the thread count."""
+    if not cpu_attention.usable(torch.zeros(1), torch.zeros(1)):
+        pytest.skip("pdmix's C kernels are unavailable here")
+    block, kv, d = 16, 2, 32
+    g = torch.Generator().manual_seed(1)
+    fused = torch.randn(40, 3, kv, d, generator=g).bfloat16()
+    k, v = fused[:, 1], fused[:, 2]  # views with a row stride of 3 * kv * d
+    slots = Slots.of(torch.randperm(96 * block, generator=g)[:40], block)
+    c = KVCache(1, 96, block, kv, d, torch.float32, torch.device("cpu"))
+    c.write(0, slots, k, v)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_attention, "usable", lambda *a: False)
+        t = KVCache(1, 96, block, kv, d, torch.float32, torch.device("cpu"))
+        t.write(0, slots, k, v)
+    assert torch.equal(c.k[0], t.k[0]) and torch.equal(c.v[0], t.v[0]) and c.k[0].abs().sum() > 0
+
+    cache, seqs, _, _ = random_cache((1, 17, 250, 333), block, kv, d, seed=2)
+    q = torch.randn(len(seqs), 6, d, generator=g).bfloat16()
+    group = decode_group(seqs, block, "cpu")
+    fast = decode_attention(q, cache, 0, group)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(decode_attention(q, cache, 0, group), fast)
+    finally:
+        torch.set_num_threads(threads)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_attention, "usable", lambda *a: False)
+        slow = decode_attention(q, cache, 0, group)
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    assert (fast.float() - slow.float()).abs().max() <= 2 ** -7 * slow.float().abs().max()

@@ -174,6 +174,17 @@ def test_s8gemm_is_exact_for_every_code_and_shape(m, n, k):
         torch.set_num_threads(threads)
 
 
+def tie_layer(n: int, k: int, seed: int) -> tuple[w8a8_mix.W8A8Params, torch.Tensor]:
+    """A layer and rows whose quantization lands on .5 ties on both paths: input_scale 0.5 and
+    activations in quarters (static), and each row's max |x| 63.5, so s_t = 0.5 (dynamic)."""
+    p = layer(n, k, seed)
+    p.input_scale, p.input_offset = torch.tensor(0.5), torch.tensor(3.0)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-254, 255, (9, k), generator=g).float() / 4
+    x[:, 0] = 63.5
+    return p, x
+
+
 def test_s8gemm_plain_c_path_computes_what_the_avx2_path_does(tmp_path):
     """The portable loops (CPUs without AVX2), forced in a child process: the same integers, and the
     same blocked sums up to fp32 order."""
@@ -183,14 +194,42 @@ def test_s8gemm_plain_c_path_computes_what_the_avx2_path_does(tmp_path):
     x = torch.randint(-128, 128, (3, 64), dtype=torch.int8, generator=g)
     w = torch.randint(-128, 128, (70, 64), dtype=torch.int8, generator=g)
     dx, dw = torch.rand(3, 2, generator=g), torch.rand(70, 2, generator=g)
-    torch.save((x, w, dx, dw), tmp_path / "in.pt")
-    code = ("import sys, torch; from pdmix.kernels import s8gemm; x, w, dx, dw = torch.load(sys.argv[1]); "
-            "assert s8gemm.isa() == 'plain'; torch.save((s8gemm.gemm(x, w), s8gemm.q8_0_gemm(x, dx, w, dw)), sys.argv[2])")
+    p, rows = tie_layer(96, 64, seed=3)
+    args = (p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias, p.weight_scale, p.bias_float)
+    torch.save((x, w, dx, dw, args, rows), tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import s8gemm; x, w, dx, dw, args, rows = torch.load(sys.argv[1]); "
+            "assert s8gemm.isa() == 'plain'; lin = s8gemm.W8A8Linear(*args, torch.bfloat16); "
+            "torch.save((s8gemm.gemm(x, w), s8gemm.q8_0_gemm(x, dx, w, dw), lin(rows.bfloat16(), 4)), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
                    env={**os.environ, "PDMIX_S8GEMM_PLAIN": "1"})
-    acc, blocks = torch.load(tmp_path / "out.pt")
+    acc, blocks, y = torch.load(tmp_path / "out.pt")
     assert torch.equal(acc, s8gemm.gemm(x, w))
     assert torch.allclose(blocks, s8gemm.q8_0_gemm(x, dx, w, dw), rtol=1e-5, atol=1e-3)
+    assert torch.equal(y, s8gemm.W8A8Linear(*args, torch.bfloat16)(rows.bfloat16(), 4))
+
+
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                               (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("k", [64, 40])
+def test_whole_linear_in_c_matches_reference_on_ties(x_dtype, out_dtype, k):
+    """pdmix_w8a8_linear (quantize + GEMM + epilogue in one C call) against the reference on rows
+    built to hit round-half-to-even ties, both paths and both row-selection forms, a k off the AVX2
+    path (40), fp32 and bf16 in and out."""
+    if s8gemm.library()[0] is None:
+        pytest.skip(s8gemm.library()[1])
+    p, x = tie_layer(96, k, seed=k)
+    x = x.to(x_dtype)
+    assert (x.float() / p.input_scale).frac().abs().eq(0.5).any()  # ties are there
+    ref = ReferenceKernel(p, out_dtype)
+    lin = s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias, p.weight_scale,
+                            p.bias_float, out_dtype)
+    for n_dynamic in (0, 4, 9):
+        want = ref.apply(x, n_dynamic)
+        assert torch.equal(lin(x, n_dynamic), want)
+        assert torch.equal(lin(x, dynamic=torch.arange(9) < n_dynamic), want)
+    out = torch.full((9, 96), 7.0, dtype=out_dtype)
+    lin(x, 0, out=out)
+    assert torch.equal(out, ref.apply(x, 0))
 
 
 def test_backend_choice_works_under_another_default_dtype():

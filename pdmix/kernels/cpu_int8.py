@@ -25,12 +25,19 @@ class CpuInt8Kernel(reference.ReferenceKernel):
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
         assert reduce is None and reduce_max is None
         super().__init__(W8A8Params(**dict(vars(p), weight=p.weight.contiguous())), out_dtype)
+        p = self.params
+        self.linear = (s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
+                                         p.weight_scale, p.bias_float, out_dtype)
+                       if out_dtype in s8gemm.LINEAR_DTYPES else None)
 
     def matmul(self, x_q: torch.Tensor) -> torch.Tensor:
         return s8gemm.gemm(x_q, self.params.weight)
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
-        """One GEMM over both row sets (a mixed step streams the weight once)."""
+        """One GEMM over both row sets (a mixed step streams the weight once); for bf16 and fp32
+        models the whole linear is one C call."""
+        if self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES:
+            return self.linear(x, n_dynamic)
         p, m = self.params, x.shape[0]
         if m == 0:
             return x.new_empty((0, p.out_features), dtype=self.out_dtype)
@@ -52,6 +59,9 @@ class CpuInt8Kernel(reference.ReferenceKernel):
         """apply() with the rows' paths as a bool [m, 1] tensor (True: dynamic), the form inside a
         compiled graph: every row quantized both ways, one GEMM; the same bits as apply()."""
         p = self.params
+        if self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES:
+            return torch.ops.pdmix.w8a8_linear(x, dynamic, p.weight, p.input_scale, p.input_offset, p.deq_scale,
+                                               p.quant_bias, p.weight_scale, p.bias_float, self.out_dtype)
         q_dyn, s = reference.quantize_dynamic(x)
         q = torch.where(dynamic, q_dyn, reference.quantize_static(x, p.input_scale, p.input_offset))
         acc = torch.ops.pdmix.s8gemm(q, p.weight)

@@ -1,91 +1,14 @@
-"""pdmix's exact int8 GEMMs in C (csrc/s8gemm.c): int8 x [m, k] @ int8 w [n, k]^T -> int32 [m, n]
-(the cpu_int8 backend), and the same in 32-wide scaled blocks -> fp32 (the int8 lm_head).
+"""pdmix's exact int8 GEMMs in C (csrc/s8gemm.c, built and loaded by clib.py): int8 x [m, k] @ int8
+w [n, k]^T -> int32 [m, n] (the cpu_int8 backend), the same in 32-wide scaled blocks -> fp32 (the int8
+lm_head), and a whole W8A8_MIX linear in one call (W8A8Linear).
 
-Built with the system C compiler (`$CC`, default `cc`) at first use, cached under
-$PDMIX_HOME/kernels keyed by the source and the compiler, and loaded with ctypes (which lets go of
-the GIL during a call). One build runs on any x86-64 CPU: the AVX2 path is compiled by function
-attribute and chosen at run time, never with -march=native. Without a compiler `library()` says why,
-and the cpu_int8 backend stands aside for the others.
-
-Inside a compiled graph the GEMM is the opaque op `pdmix::s8gemm`: it takes the weight as a plain
-tensor, so nothing needs registering.
+Inside a compiled graph the GEMM and the linear are the opaque ops `pdmix::s8gemm` and
+`pdmix::w8a8_linear`: they take their tensors as arguments, so nothing needs registering.
 """
-
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from pdmix.paths import pdmix_home
-
-SOURCE = Path(__file__).parent / "csrc" / "s8gemm.c"
-FLAGS = (["-O3", "-fopenmp"], ["-O3"])  # OpenMP splits the columns over torch's threads, when the compiler has it
-
-
-def build_dir() -> Path:
-    try:
-        folder = pdmix_home() / "kernels"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-    except Exception:  # an unwritable home: build for this process only
-        return Path(tempfile.mkdtemp(prefix="pdmix-kernels-"))
-
-
-def compile_library(cc: str, out: Path) -> str | None:
-    """Build the shared library at `out` (atomically); None, or why it could not be built."""
-    why = None
-    for flags in FLAGS:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}")
-        try:
-            proc = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
-                                  capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"cannot run the C compiler {cc!r} ({e.__class__.__name__}: {e})"
-        if proc.returncode == 0:
-            os.replace(tmp, out)
-            return None
-        tmp.unlink(missing_ok=True)
-        why = f"{cc} failed to build {SOURCE.name}: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
-    return why
-
-
-@functools.cache
-def library() -> tuple[ctypes.CDLL | None, str | None]:
-    """(the loaded library, None), or (None, why it is unavailable)."""
-    cc = os.environ.get("CC", "cc")
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"no C compiler to build {SOURCE.name} ({cc}: {e.__class__.__name__})"
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + platform.machine().encode()).hexdigest()[:16]
-    path = build_dir() / f"s8gemm-{key}.so"
-    if not path.exists() and (why := compile_library(cc, path)):
-        return None, why
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"cannot load {path}: {e}"
-    lib.pdmix_s8gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_void_p, ctypes.c_int]
-    lib.pdmix_s8gemm.restype = ctypes.c_int
-    lib.pdmix_q8_0_gemm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.pdmix_q8_0_gemm.restype = ctypes.c_int
-    lib.pdmix_s8gemm_isa.restype = ctypes.c_int
-    return lib, None
-
-
-def isa() -> str | None:
-    """The path the library runs on this CPU ("avx2" or "plain"; PDMIX_S8GEMM_PLAIN=1 forces plain),
-    None if it is unavailable."""
-    lib = library()[0]
-    return None if lib is None else {2: "avx2", 1: "plain"}[lib.pdmix_s8gemm_isa()]
+from pdmix.kernels.clib import isa, library  # noqa: F401  (what callers ask of this module)
 
 
 def gemm(x_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -110,6 +33,59 @@ def q8_0_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, w
                                           w_scales.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"q8_0_gemm: no memory for a {m} x {k} int16 buffer")
     return out
+
+
+LINEAR_DTYPES = (torch.bfloat16, torch.float32)  # what w8a8_linear reads and writes
+
+
+class W8A8Linear:
+    """A whole W8A8_MIX linear in one C call (`pdmix_w8a8_linear`): each row quantized on its path,
+    one exact GEMM, each row's epilogue, the output in bf16 or fp32, bit for bit what
+    pdmix/kernels/reference.py computes. Holds its tensors (weight int8 [n, k], input_scale,
+    input_offset, deq_scale, quant_bias, weight_scale, bias_float or None), so a call passes only
+    the activations."""
+
+    def __init__(self, weight, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float,
+                 out_dtype: torch.dtype):
+        assert out_dtype in LINEAR_DTYPES, out_dtype
+        f32 = lambda t: t.to(torch.float32).reshape(-1).contiguous()  # noqa: E731
+        self.weight = weight.contiguous()
+        self.vectors = (f32(deq_scale), quant_bias.to(torch.int32).reshape(-1).contiguous(), f32(weight_scale),
+                        None if bias_float is None else f32(bias_float))
+        self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
+        self._args = (self.weight.data_ptr(), self.n, self.k, float(input_scale), float(input_offset),
+                      *(None if t is None else t.data_ptr() for t in self.vectors))
+
+    def __call__(self, x: torch.Tensor, n_dynamic: int = 0, dynamic: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [m, k] (bf16 or fp32) -> [m, n]: rows [0, n_dynamic) dynamic, or the rows where the bool
+        `dynamic` [m] is set; into `out` (contiguous, the output dtype) when given."""
+        assert x.dtype in LINEAR_DTYPES, x.dtype
+        x, m = x.contiguous(), x.shape[0]
+        if out is None:
+            out = torch.empty((m, self.n), dtype=self.out_dtype)
+        assert out.is_contiguous() and out.dtype == self.out_dtype and out.shape == (m, self.n)
+        if dynamic is not None:
+            dynamic = dynamic.reshape(-1).to(torch.uint8).contiguous()
+        if m and library()[0].pdmix_w8a8_linear(
+                x.data_ptr(), x.dtype == torch.bfloat16, m, None if dynamic is None else dynamic.data_ptr(),
+                n_dynamic, *self._args, out.data_ptr(), self.out_dtype == torch.bfloat16, torch.get_num_threads()):
+            raise MemoryError(f"w8a8_linear: no memory for {m} x {self.k} activations")
+        return out
+
+
+@torch.library.custom_op("pdmix::w8a8_linear", mutates_args=())
+def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor,
+                   input_offset: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor,
+                   weight_scale: torch.Tensor, bias_float: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row)."""
+    return W8A8Linear(weight, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float,
+                      out_dtype)(x, dynamic=dynamic)
+
+
+@w8a8_linear_op.register_fake
+def _(x, dynamic, weight, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float, out_dtype):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("pdmix::s8gemm", mutates_args=())

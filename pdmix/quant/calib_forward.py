@@ -33,10 +33,18 @@ class RunningInputQuant:
     def __init__(self, observer, dtype: torch.dtype, prompts, on_input=None):
         self.observer, self.dtype, self.prompts, self.on_input = observer, dtype, prompts, on_input
         self.running = observer if type(observer) is MinMaxObserver else MinMaxObserver()
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # the group's linears share one input
+        # the last call (key, output, input): the group's linears share one input
+        self.last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def key(x: torch.Tensor) -> tuple:
+        """What makes two calls see the same input: the same memory, shape and strides, unmodified since
+        (a view or another tensor object of the same rows counts once; `last` keeps the memory alive,
+        so no other tensor can take its place)."""
+        return x.data_ptr(), x.shape, x.stride(), x._version, x.dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.last is not None and self.last[0] is x:
+        if self.last is not None and self.last[0] == self.key(x):
             return self.last[1]
         out = []
         for rows in self.prompts(x):
@@ -46,7 +54,7 @@ class RunningInputQuant:
             out.append(fake_quant(rows, *self.running.params(self.dtype)))
         if self.on_input is not None:
             self.on_input(x)
-        self.last = (x, torch.cat(out))
+        self.last = (self.key(x), torch.cat(out), x)
         return self.last[1]
 
 

@@ -40,7 +40,7 @@ from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear, quantize_weight
 from pdmix.quant.calib_forward import FakeQuantLinear, RunningInputQuant, fake_weight
 from pdmix.quant.config import QuantConfig
-from pdmix.quant.observer import OBSERVERS, make_observer
+from pdmix.quant.observer import OBSERVERS, MinMaxObserver, make_observer
 from pdmix.schemes import w8a8_dynamic
 from pdmix.tokenizer import load_tokenizer
 
@@ -219,9 +219,11 @@ def calibrate_layer(cfg, i: int, t: dict, cal: Calibration, config: QuantConfig,
     """msModelSlim's calibration forward of layer i over every prompt (calib_forward): static linears
     with the fake-quantized weights `weights` {prefix: tensor} and running input ranges, the MLP
     linears of a MoE model W8A8_DYNAMIC (`dynamic`), the rest float. keep=True carries its outputs to
-    the next layer. Returns each static group's observer."""
+    the next layer. Returns each static group's observer (with `hessians`, GPTQ's first pass, which
+    only gathers Hessians, the running min-max alone: the configured observer's work would be discarded)."""
     chunk = [0]
-    observers = {g: make_observer(config.observer) for g in static_groups(cfg)}
+    observers = {g: MinMaxObserver() if hessians is not None else make_observer(config.observer)
+                 for g in static_groups(cfg)}
     modules = {}
     for g in static_groups(cfg):
         quant = RunningInputQuant(observers[g], cfg.dtype, lambda x: cal.prompts(x, chunk[0]),
@@ -229,7 +231,9 @@ def calibrate_layer(cfg, i: int, t: dict, cal: Calibration, config: QuantConfig,
         for n in g:
             p = linear_prefix(i, n)
             if p in weights:
-                modules[p] = FakeQuantLinear(weights[p].to(cal.device), t.get(p + ".bias"), quant).to(cal.device)
+                bias = t.get(p + ".bias")
+                modules[p] = FakeQuantLinear(weights[p].to(cal.device), None if bias is None else bias.to(cal.device),
+                                             quant)
     layer = build_layer(cfg, i, t, dynamic, device=cal.device, modules=modules)
     cal.run(layer, keep=keep, on_chunk=lambda c: chunk.__setitem__(0, c))
     return observers

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdmix.kernels import cpu_attention
 from pdmix.runtime.kv_cache import KVCache, Slots, blocks_needed, token_slots
 
 
@@ -39,6 +40,7 @@ class PrefillChunk:
 class DecodeGroup:
     block_tables: torch.Tensor    # int64 [B, nb]: each sequence's cache blocks (padded with block 0)
     mask: torch.Tensor            # additive fp32 [B, nb, 1, 1, block]: -inf past a sequence's last token
+    lengths: torch.Tensor         # int64 [B]: each sequence's cached tokens, this step's included
     first_block: int | None = None  # one sequence on consecutive blocks from here: read in place, no gather
 
 
@@ -76,7 +78,8 @@ def decode_group(seqs: list[SeqRows], block_size: int, device) -> DecodeGroup | 
     mask.masked_fill_(pos[None, :] >= lengths[:, None], float("-inf"))
     table = seqs[0].block_table[:n_blocks[0]]
     consecutive = len(seqs) == 1 and table == list(range(table[0], table[0] + len(table)))
-    return DecodeGroup(tables, mask.view(len(seqs), -1, 1, 1, block_size), table[0] if consecutive else None)
+    return DecodeGroup(tables, mask.view(len(seqs), -1, 1, 1, block_size), lengths,
+                       table[0] if consecutive else None)
 
 
 def build_metadata(slot_mapping: torch.Tensor, prefill: list[SeqRows], decode: list[SeqRows], block_size: int,
@@ -113,6 +116,8 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
     for bit the same alone or beside any others. (One sum over the padded length would not be: its
     reduction tree, and a GEMM's blocking of its K dimension, depend on the length.)"""
     b, h, d = q.shape
+    if cpu_attention.usable(q, cache.k[layer]):  # the same computation in C, one call (kernels/cpu_attention.py)
+        return cpu_attention.decode(q, cache.k[layer], cache.v[layer], g.block_tables, g.lengths, d ** -0.5)
     if g.first_block is None:
         k, v = cache.blocks(layer, g.block_tables)           # [B, nb, KV, D, block], [B, nb, KV, block, D]
     else:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmix.errors import PdmixError
+from pdmix.kernels import cpu_attention
 
 
 class BlockAllocator:
@@ -55,6 +56,9 @@ class KVCache:
 
     def write(self, layer: int, slots: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the k/v rows [T, kv_heads, head_dim] of a step at their slots [T]."""
+        if cpu_attention.usable(k, self.k[layer]):
+            cpu_attention.kv_write(k, v, slots.flat, self.k[layer], self.v[layer])
+            return
         self.k[layer][slots.block, :, :, slots.offset] = k.to(self.k[layer].dtype)
         self.v[layer][slots.block, :, slots.offset] = v.to(self.v[layer].dtype)
 

@@ -1,4 +1,5 @@
-"""One int8 weight per quantized linear, both W8A8_MIX paths on it (SPEC §5), one class per platform.
+"""One int8 weight per quantized linear, both W8A8_MIX paths on it (SPEC §5), one class per platform
+(two on x86 CPUs: pdmix's own C linear where oneDNN's int8 GEMM cannot be exact in one pass).
 
 Each kernel computes rows of a layer into a caller's output rows (`out`, a contiguous row block
 of the layer's output, so a mixed step writes each path's rows in place):
@@ -16,7 +17,8 @@ import functools
 
 import torch
 
-from pdmix.kernels import onednn
+from pdmix import kernels as pdmix_kernels
+from pdmix.kernels import onednn, s8gemm
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 
@@ -119,6 +121,32 @@ class CPUKernel(_Kernel):
         torch.addcmul(self.bias_float, acc, s, out=out)
 
 
+class CPUInt8Kernel(_Kernel):
+    """x86 CPUs without VNNI/AMX (where CPUKernel must run every row twice), through pdmix's own C
+    linear (`pdmix/kernels/s8gemm.py`, the engine's cpu_int8 backend): quantization, an exact int8
+    GEMM on the checkpoint's int8 weight as it is (no prepacked copy) and the epilogue in one call
+    per path, writing the model dtype straight into the output rows. The arithmetic is SPEC §5's as
+    written (division by the scales, no reciprocal), bit for bit pdmix's reference backend."""
+
+    def __init__(self, p: W8A8Params, out_dtype: torch.dtype):
+        super().__init__(p, out_dtype)
+        self.linear = s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
+                                        p.weight_scale, p.bias_float, out_dtype)
+        self.weight = self.linear.weight  # the one int8 copy
+        self.deq_scale, self.quant_bias, self.weight_scale, self.bias_float = self.linear.vectors
+
+    @staticmethod
+    def chosen(out_dtype: torch.dtype) -> bool:
+        return (pdmix_kernels.priority("cpu")[0] == "cpu_int8" and s8gemm.library()[0] is not None
+                and out_dtype in s8gemm.LINEAR_DTYPES)
+
+    def static(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.linear(x, 0, out=out)
+
+    def dynamic(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.linear(x, x.shape[0], out=out)
+
+
 class CUDAKernel(_Kernel):
     """NVIDIA GPUs, through vLLM's CUTLASS int8 GEMMs on one weight (a [k, n] column-major view of
     the stored [n, k] int8 tensor), scales given per call:
@@ -154,7 +182,7 @@ class CUDAKernel(_Kernel):
 def make(p: W8A8Params, out_dtype: torch.dtype, platform) -> _Kernel:
     """The kernel of vLLM's current platform."""
     if platform.is_cpu():
-        return CPUKernel(p, out_dtype)
+        return CPUInt8Kernel(p, out_dtype) if CPUInt8Kernel.chosen(out_dtype) else CPUKernel(p, out_dtype)
     if platform.is_cuda():
         return CUDAKernel(p, out_dtype)  # the tensors are where vLLM loaded them
     raise ValueError(f"pdmix: W8A8_MIX in vLLM runs on CPUs and NVIDIA GPUs, not on {platform.device_type!r}")

@@ -11,6 +11,8 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
@@ -21,12 +23,16 @@
 #define AHEAD 8 /* weight rows prefetched ahead: rows are short (k bytes), too short for the
                    hardware prefetcher to follow four of them at once (1.4x at decode here) */
 
-/* One call's operands; out is int32 (s8gemm) or fp32 (q8_0, with the block scales dx, dw). */
+struct epilogue;
+
+/* One call's operands; out is int32 (s8gemm) or fp32 (q8_0, with the block scales dx, dw); ep, when
+   set, turns each thread's columns of the int32 out into a linear's output (w8a8_linear). */
 struct problem {
     const int8_t *x, *w;
     const float *dx, *dw;
     int64_t m, n, k;
     void *out;
+    const struct epilogue *ep;
 };
 
 static void gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
@@ -208,6 +214,178 @@ int pdmix_s8gemm_isa(void) {
     return isa;
 }
 
+/* ---- A whole W8A8_MIX linear (SPEC §5): each row quantized on its path, one exact GEMM, each row's
+   epilogue, written in the model dtype. The arithmetic is pdmix/kernels/reference.py's, operation for
+   operation in fp32 (true division, round half to even, no fused multiply-add: the library is built
+   with -ffp-contract=off), and bf16 is rounded to nearest even as torch does, so the output is bit
+   for bit the reference's. */
+
+#define TINY 1.17549435e-38f /* torch.finfo(torch.float32).tiny, the least per-token scale */
+
+struct epilogue {
+    const uint8_t *dynamic; /* [m]: 1 for a row on the dynamic (per-token) path */
+    const float *s;         /* [m]: the dynamic rows' scales */
+    const float *deq_scale, *weight_scale, *bias_float; /* [n]; bias_float may be NULL */
+    const int32_t *quant_bias;                          /* [n] */
+    void *y;                                            /* [m, n], bf16 (y_bf16) or fp32 */
+    int y_bf16;
+};
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* c10::BFloat16's round to nearest even */
+    uint32_t u;
+    if (f != f) return 0x7fc0;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+/* y[i][j0, j1) of one row from its int32 accumulators */
+static void epilogue_plain(const struct epilogue *e, const int32_t *acc, int64_t i, int64_t n, int64_t j0, int64_t j1) {
+    float *yf = (float *)e->y + i * n;
+    uint16_t *yh = (uint16_t *)e->y + i * n;
+    for (int64_t j = j0; j < j1; j++) {
+        float v;
+        if (e->dynamic[i]) {
+            v = (float)acc[j] * e->s[i]; /* acc * s_t * weight_scale + bias_float */
+            v = v * e->weight_scale[j];
+            if (e->bias_float) v = v + e->bias_float[j];
+        } else { /* deq_scale * (acc + quant_bias), the int32 sum wrapping as torch's */
+            v = e->deq_scale[j] * (float)(int32_t)((uint32_t)acc[j] + (uint32_t)e->quant_bias[j]);
+        }
+        if (e->y_bf16) yh[j] = float_to_bf16(v);
+        else yf[j] = v;
+    }
+}
+
+/* quantize_row's codes of v[0, k): clamp(round(v / div + add), lo, hi); add is 0 on the dynamic
+   path, where it changes no code (x + 0 differs from x only for -0, which rounds to code 0 too) */
+static void codes_plain(const float *v, int64_t p, int64_t k, float div, float add, float lo, float hi, int8_t *q) {
+    for (; p < k; p++) q[p] = (int8_t)(int)clampf(nearbyintf(v[p] / div + add), lo, hi);
+}
+
+static float amax_plain(const float *v, int64_t p, int64_t k, float amax) {
+    for (; p < k; p++) {
+        float t = v[p] < 0 ? -v[p] : v[p];
+        if (t > amax) amax = t;
+    }
+    return amax;
+}
+
+#ifdef PDMIX_X86
+/* The same, 8 lanes at a time; returns where the scalar tail starts. The lanes do the scalar code's
+   operations (IEEE division, rounding to nearest even, exact int32 -> fp32), so the bits agree. */
+__attribute__((target("avx2"))) static int64_t epilogue_avx2(const struct epilogue *e, const int32_t *acc, int64_t i,
+                                                               int64_t n, int64_t j0, int64_t j1) {
+    float *yf = (float *)e->y + i * n;
+    uint16_t *yh = (uint16_t *)e->y + i * n;
+    int dynamic = e->dynamic[i];
+    __m256 s = _mm256_set1_ps(dynamic ? e->s[i] : 0.0f);
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(acc + j)), u;
+        __m256 v;
+        if (dynamic) {
+            v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), s), _mm256_loadu_ps(e->weight_scale + j));
+            if (e->bias_float) v = _mm256_add_ps(v, _mm256_loadu_ps(e->bias_float + j));
+        } else {
+            a = _mm256_add_epi32(a, _mm256_loadu_si256((const __m256i *)(e->quant_bias + j)));
+            v = _mm256_mul_ps(_mm256_loadu_ps(e->deq_scale + j), _mm256_cvtepi32_ps(a));
+        }
+        if (!e->y_bf16) {
+            _mm256_storeu_ps(yf + j, v);
+            continue;
+        }
+        u = _mm256_castps_si256(v); /* round to nearest even on the upper 16 bits, NaN -> 0x7fc0 */
+        u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        u = _mm256_blendv_epi8(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x7fc0),
+                               _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        _mm_storeu_si128((__m128i *)(yh + j), _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+    }
+    return j;
+}
+
+__attribute__((target("avx2"))) static int64_t codes_avx2(const float *v, int64_t k, float div, float add, float lo,
+                                                            float hi, int8_t *q) {
+    __m256 d = _mm256_set1_ps(div), o = _mm256_set1_ps(add), l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+    int64_t p = 0;
+    for (; p + 8 <= k; p += 8) {
+        __m256 t = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(v + p), d), o);
+        t = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), l), h);
+        __m256i c = _mm256_cvtps_epi32(t);
+        __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64((__m128i *)(q + p), _mm_packs_epi16(c16, c16));
+    }
+    return p;
+}
+
+__attribute__((target("avx2"))) static float amax_avx2(const float *v, int64_t k, int64_t *p_end) {
+    __m256 m = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    int64_t p = 0;
+    for (; p + 8 <= k; p += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + p)));
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, m);
+    for (int q = 0; q < 8; q++) amax = lanes[q] > amax ? lanes[q] : amax;
+    *p_end = p;
+    return amax;
+}
+#endif
+
+static int fast(void) { return pdmix_s8gemm_isa() == 2; }
+
+static void epilogue_columns(const struct problem *a, int64_t n0, int64_t n1) {
+    for (int64_t i = 0; i < a->m; i++) {
+        const int32_t *acc = (const int32_t *)a->out + i * a->n;
+        int64_t j = n0;
+#ifdef PDMIX_X86
+        if (fast()) j = epilogue_avx2(a->ep, acc, i, a->n, n0, n1);
+#endif
+        epilogue_plain(a->ep, acc, i, a->n, j, n1);
+    }
+}
+
+/* row i of x (bf16 or fp32) as fp32 into buf */
+static void load_row(const void *x, int x_bf16, int64_t i, int64_t k, float *buf) {
+    if (x_bf16) {
+        const uint16_t *h = (const uint16_t *)x + i * k;
+        for (int64_t p = 0; p < k; p++) buf[p] = bf16_to_float(h[p]);
+    } else {
+        memcpy(buf, (const float *)x + i * k, (size_t)k * sizeof(float));
+    }
+}
+
+/* dynamic: s_t = max(max|x_t| / 127, TINY), x_q = clamp(round(x / s_t), -127, 127);
+   static: x_q = clamp(round(x / input_scale + input_offset), -128, 127) */
+static void quantize_row(const float *v, int64_t k, int dynamic, float input_scale, float input_offset,
+                         int8_t *q, float *s) {
+    float div = input_scale, add = input_offset, lo = -128.0f;
+    int64_t p = 0;
+    if (dynamic) {
+        float amax = 0.0f;
+#ifdef PDMIX_X86
+        if (fast()) amax = amax_avx2(v, k, &p);
+#endif
+        amax = amax_plain(v, p, k, amax) / 127.0f;
+        div = *s = amax < TINY ? TINY : amax;
+        add = 0.0f, lo = -127.0f;
+    } else {
+        *s = 0.0f;
+    }
+    p = 0;
+#ifdef PDMIX_X86
+    if (fast()) p = codes_avx2(v, k, div, add, lo, 127.0f, q);
+#endif
+    codes_plain(v, p, k, div, add, lo, 127.0f, q);
+}
+
 typedef void (*avx2_part)(const struct problem *, int64_t, int64_t, int16_t *);
 typedef void (*plain_part)(const struct problem *, int64_t, int64_t);
 
@@ -228,6 +406,7 @@ static int run(const struct problem *a, int threads, avx2_part avx2, plain_part 
         } else {
             plain(a, n0, n1);
         }
+        if (a->ep) epilogue_columns(a, n0, n1);
     }
     return failed ? -1 : 0;
 }
@@ -257,14 +436,43 @@ static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
 
 /* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8. Returns 0, or -1 if out of memory. */
 int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int64_t n, int64_t k, int32_t *out, int threads) {
-    struct problem a = {x, w, 0, 0, m, n, k, out};
+    struct problem a = {x, w, 0, 0, m, n, k, out, 0};
     return run(&a, threads, AVX2_OR_NULL(gemm_avx2, k % 16 == 0), gemm_plain);
+}
+
+/* y [m, n] (bf16 if y_bf16, else fp32) = the W8A8_MIX linear of x [m, k] (bf16 if x_bf16, else fp32):
+   rows with dynamic[i] set (or, with dynamic NULL, the first n_dynamic rows) on the per-token path,
+   the others on the static one (SPEC §5). Returns 0, or -1 if out of memory. */
+int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynamic, int64_t n_dynamic,
+                      const int8_t *w, int64_t n, int64_t k, float input_scale, float input_offset,
+                      const float *deq_scale, const int32_t *quant_bias, const float *weight_scale,
+                      const float *bias_float, void *y, int y_bf16, int threads) {
+    int8_t *q = (int8_t *)malloc((size_t)(m * k));
+    float *s = (float *)malloc((size_t)m * sizeof(float)), *row = (float *)malloc((size_t)k * sizeof(float));
+    int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
+    uint8_t *rows = dynamic ? 0 : (uint8_t *)malloc((size_t)m);
+    int rc = -1;
+    if (q && s && row && acc && (dynamic || rows)) {
+        if (!dynamic) {
+            for (int64_t i = 0; i < m; i++) rows[i] = i < n_dynamic;
+            dynamic = rows;
+        }
+        for (int64_t i = 0; i < m; i++) {
+            load_row(x, x_bf16, i, k, row);
+            quantize_row(row, k, dynamic[i], input_scale, input_offset, q + i * k, s + i);
+        }
+        struct epilogue e = {dynamic, s, deq_scale, weight_scale, bias_float, quant_bias, y, y_bf16};
+        struct problem a = {q, w, 0, 0, m, n, k, acc, &e};
+        rc = run(&a, threads, AVX2_OR_NULL(gemm_avx2, k % 16 == 0), gemm_plain);
+    }
+    free(q); free(s); free(row); free(acc); free(rows);
+    return rc;
 }
 
 /* out [m, n] fp32 from 32-wide blocks: x [m, k] int8 with scales dx [m, k/32], w [n, k] int8 with
    scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if out of memory. */
 int pdmix_q8_0_gemm(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n,
                     int64_t k, float *out, int threads) {
-    struct problem a = {x, w, dx, dw, m, n, k, out};
+    struct problem a = {x, w, dx, dw, m, n, k, out, 0};
     return run(&a, threads, AVX2_OR_NULL(q8_gemm_avx2, 1), q8_gemm_plain);
 }

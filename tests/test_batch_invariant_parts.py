@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pdmix.kernels import cpu_attention
 from pdmix.models.linear import FloatLinear

@@ -45,7 +45,6 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
-        slots = num_blocks * block_size
         # zeros, not empty: decode attention reads whole blocks and masks the unwritten tail, which must
         # hold finite values (0 * NaN would leak into the output)
         self.k = [torch.zeros((num_blocks, kv_heads, head_dim, block_size), dtype=dtype, device=device)

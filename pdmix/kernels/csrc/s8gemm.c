@@ -20,6 +20,9 @@
 #endif
 
 #define MB 64   /* rows of x per block: their int16 copy (64 x k x 2 bytes) stays in L2 */
+#ifndef STREAM_ROWS
+#define STREAM_ROWS 4 /* blocks of up to this many rows of x take the streaming GEMV */
+#endif
 #define AHEAD 8 /* weight rows prefetched ahead: rows are short (k bytes), too short for the
                    hardware prefetcher to follow four of them at once (1.4x at decode here) */
 
@@ -110,6 +113,26 @@ __attribute__((target("avx2"))) static void tile_1x1(const int16_t *x0, const in
     o0[j] = hsum(c0);
 }
 
+/* one row of x against one row of w, read front to back: at decode (a few rows of x) the weight is
+   read as one sequential stream, row after row, which the hardware prefetcher follows best (a 4-row
+   tile reads four strided streams: 0.5x of the read bandwidth here, against 0.7x this way) */
+#define X16(q) _mm256_loadu_si256((const __m256i *)(x0 + p + (q)))
+#define STREAM_AHEAD 4096 /* bytes of weight prefetched ahead of the stream */
+__attribute__((target("avx2"))) static int32_t row_stream(const int16_t *x0, const int8_t *wr, int64_t k) {
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+    int64_t p = 0;
+    for (; p + 64 <= k; p += 64) {
+        _mm_prefetch((const char *)(wr + p + STREAM_AHEAD), _MM_HINT_T0);
+        __m256i a = _mm256_loadu_si256((const __m256i *)(wr + p)), b = _mm256_loadu_si256((const __m256i *)(wr + p + 32));
+        MADD(c0, X16(0), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a)));
+        MADD(c1, X16(16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1)));
+        MADD(c2, X16(32), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b)));
+        MADD(c3, X16(48), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1)));
+    }
+    for (; p < k; p += 16) MADD(c0, X16(0), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + p))));
+    return hsum(_mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)));
+}
+
 /* k % 16 == 0; columns [n0, n1) of out. x16: the block's rows widened to int16 (a per-thread buffer). */
 __attribute__((target("avx2"))) static void gemm_avx2(const struct problem *a, int64_t n0, int64_t n1,
                                                         int16_t *x16) {
@@ -120,6 +143,11 @@ __attribute__((target("avx2"))) static void gemm_avx2(const struct problem *a, i
         int64_t mb = m - i0 < MB ? m - i0 : MB;
         widen(x + i0 * k, mb, k, x16);
         int64_t j = n0;
+        if (mb <= STREAM_ROWS) {
+            for (; j < n1; j++)
+                for (int64_t r = 0; r < mb; r++) out[(i0 + r) * n + j] = row_stream(x16 + r * k, w + j * k, k);
+            continue;
+        }
         for (; j + 4 <= n1; j += 4) {
             /* the first pass over a group of rows fetches them (the others find them in L1) */
             const int8_t *ahead = j + AHEAD + 4 <= n1 ? w + (j + AHEAD) * k : 0;
@@ -189,6 +217,13 @@ __attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const struct proble
         int64_t mb = m - i0 < MB ? m - i0 : MB;
         widen(x + i0 * k, mb, k, x16);
         int64_t j = n0;
+        if (mb <= STREAM_ROWS) { /* the weight as one stream, as in gemm_avx2 (the same sums as the tiles) */
+            for (; j < n1; j++) {
+                for (int64_t p = 0; p < k; p += 64) _mm_prefetch((const char *)(w + j * k + p + STREAM_AHEAD), _MM_HINT_T0);
+                for (int64_t r = 0; r < mb; r++) q8_tile_1x1(x16 + r * k, dx + (i0 + r) * nb, w, dw, j, k, out + (i0 + r) * n);
+            }
+            continue;
+        }
         for (; j + 4 <= n1; j += 4) {
             const int8_t *ahead = j + AHEAD + 4 <= n1 ? w + (j + AHEAD) * k : 0;
             for (int64_t r = 0; r < mb; r++, ahead = 0)

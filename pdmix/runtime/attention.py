@@ -116,7 +116,8 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
     for bit the same alone or beside any others. (One sum over the padded length would not be: its
     reduction tree, and a GEMM's blocking of its K dimension, depend on the length.)"""
     b, h, d = q.shape
-    if cpu_attention.usable(q, cache.k[layer]):  # the same computation in C, one call (kernels/cpu_attention.py)
+    if cpu_attention.usable(q, cache.k[layer]):  # on CPUs the same formula in C, one call per layer (each
+        # sequence alone, in a fixed order: batch-invariant too; kernels/cpu_attention.py)
         return cpu_attention.decode(q, cache.k[layer], cache.v[layer], g.block_tables, g.lengths, d ** -0.5)
     if g.first_block is None:
         k, v = cache.blocks(layer, g.block_tables)           # [B, nb, KV, D, block], [B, nb, KV, block, D]

@@ -1,0 +1,77 @@
+"""How fast the decode kernels read their weights, against what one thread can read at all.
+
+Each kernel runs at M = 1 over a model's worth of distinct weights in turn (cold: they do not fit in
+cache), alternating with `torch.sum` over the same number of bytes (the read bandwidth), medians of
+--rounds after a warm-up. Prints JSON: GB/s per kernel and its fraction of the read bandwidth.
+
+  python benchmarks/gemv_bandwidth.py --threads 1
+
+Weights: SmolLM2-135M's decoder (30 layers of q/k/v 960x576, o 576x576, gate/up 3072x576, down
+576x1536; about 106 MB int8) and its 49152x576 lm_head (int8 Q8_0 and bf16), or --layers of them.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from pdmix.kernels import s8gemm
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+def seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=9)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if s8gemm.library()[0] is None:
+        raise SystemExit(f"pdmix: error: {s8gemm.library()[1]}")
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randint(-127, 128, s, dtype=torch.int8, generator=g) for s in SHAPES * args.layers]
+    xs = {k: torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=g) for k in {s[1] for s in SHAPES}}
+    heads = 4  # lm_heads in turn, so that they come from memory
+    head8 = [torch.randint(-127, 128, (49152, 576), dtype=torch.int8, generator=g) for _ in range(heads)]
+    head_scales = torch.rand(49152, 576 // 32, generator=g)
+    head16 = [torch.randn(49152, 576, generator=g).bfloat16() for _ in range(heads)]
+    h8, h8_scales = torch.randint(-127, 128, (1, 576), dtype=torch.int8, generator=g), torch.rand(1, 576 // 32)
+    h16 = torch.randn(1, 576, generator=g).bfloat16()
+    kernels = {
+        "int8_gemm_decoder": (lambda: [s8gemm.gemm(xs[w.shape[1]], w) for w in weights],
+                              sum(w.numel() for w in weights)),
+        "q8_0_lm_head": (lambda: [s8gemm.q8_0_gemm(h8, h8_scales, w, head_scales) for w in head8],
+                         heads * (head8[0].numel() + head_scales.numel() * 4)),
+        "bf16_lm_head_torch": (lambda: [torch.nn.functional.linear(h16, w) for w in head16],
+                               heads * head16[0].numel() * 2),
+    }
+    result = {"command": "python benchmarks/gemv_bandwidth.py --threads %d --layers %d --rounds %d"
+              % (args.threads, args.layers, args.rounds), "time": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": platform.processor() or platform.machine(), "isa": s8gemm.isa(), "threads": args.threads,
+              "kernels": {}}
+    for name, (fn, nbytes) in kernels.items():
+        plain = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+        fn(), plain.sum()  # warm-up
+        times = {"kernel": [], "sum": []}
+        for _ in range(args.rounds):  # alternating
+            times["kernel"].append(seconds(fn))
+            times["sum"].append(seconds(plain.sum))
+        k, r = (sorted(v)[len(v) // 2] for v in times.values())
+        result["kernels"][name] = {"megabytes": round(nbytes / 1e6, 1), "ms": round(k * 1e3, 2),
+                                   "gb_per_s": round(nbytes / k / 1e9, 2), "read_gb_per_s": round(nbytes / r / 1e9, 2),
+                                   "fraction_of_read": round(r / k, 3)}
+        del plain
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,10 @@
 decode attention over the paged cache, and the float linears (rolled-back layers, lm_head). Each row
 computed in a batch must equal, bit for bit, the same row computed alone."""
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,10 +84,11 @@ def test_float_linear_rows_do_not_depend_on_how_many_rows_share_the_gemm():
                 assert torch.equal(layer(x[:m]), alone[:m]), (n, k, m)
 
 
-def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch):
+def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch, tmp_path):
     """The C cache write stores exactly what torch's indexing stores (bf16 rows, and strided views
     as a fused q/k/v output gives); C decode attention equals the torch form within fp32 rounding,
-    and does not depend on the thread count."""
+    does not depend on the thread count, and its portable C path (CPUs without AVX2) gives the
+    AVX2 path's bits."""
     if not cpu_attention.usable(torch.zeros(1), torch.zeros(1)):
         pytest.skip("pdmix's C kernels are unavailable here")
     block, kv, d = 16, 2, 32
@@ -115,3 +119,11 @@ def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch):
         slow = decode_attention(q, cache, 0, group)
     assert fast.dtype == slow.dtype == torch.bfloat16
     assert (fast.float() - slow.float()).abs().max() <= 2 ** -7 * slow.float().abs().max()
+
+    args = (q.float(), cache.k[0], cache.v[0], group.block_tables, group.lengths, 32 ** -0.5)
+    torch.save(args, tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import clib, cpu_attention; a = torch.load(sys.argv[1]); "
+            "assert clib.isa() == 'plain'; torch.save(cpu_attention.decode(*a), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
+                   env={**os.environ, "PDMIX_S8GEMM_PLAIN": "1"})
+    assert torch.equal(torch.load(tmp_path / "out.pt"), cpu_attention.decode(*args))

@@ -14,6 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PDMIX_X86 1
+#include <immintrin.h>
+#endif
+
 static inline float bf16_in(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -28,49 +33,122 @@ static inline uint16_t bf16_out(float f) { /* c10::BFloat16's round to nearest e
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* One (sequence, kv head): its G query heads against the kv head's tokens. scratch: len floats.
-   Compiled twice (AVX2 and baseline, picked at load): the loops vectorize over tokens (scores) and
-   over D (values), each lane summing in the same order, so both give the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2", "default")))
+int pdmix_s8gemm_isa(void); /* s8gemm.c: 2 where the AVX2 paths run */
+
+/* Scores of the group's G query heads q [G, D] against one block's keys k [D, block] (n tokens):
+   s[j * stride + t] = sum_d q[j][d] * k[d][t], summed over d in order (the AVX2 form does the same
+   multiplications and additions, 8 tokens a lane each, so both give the same bits). */
+static void block_scores_plain(const float *q, int64_t G, int64_t D, const float *k, int64_t block, int64_t n,
+                               float *s, int64_t stride) {
+    for (int64_t j = 0; j < G; j++)
+        for (int64_t t = 0; t < n; t++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < D; d++) acc += q[j * D + d] * k[d * block + t];
+            s[j * stride + t] = acc;
+        }
+}
+
+/* o[j][d] = sum_t e[j * stride + t] * v[t][d] for d in [d0, D), over the tokens of the group's
+   blocks in token order */
+static void weighted_values_plain(const float *e, int64_t G, int64_t D, const float *vc, int64_t KV, int64_t g,
+                                  int64_t block, const int64_t *table, int64_t len, int64_t stride, int64_t d0,
+                                  float *o) {
+    for (int64_t j = 0; j < G; j++)
+        for (int64_t d = d0; d < D; d++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b * block < len; b++) {
+                const float *v = vc + (table[b] * KV + g) * block * D + d; /* [block, D] */
+                int64_t n = len - b * block < block ? len - b * block : block;
+                for (int64_t u = 0; u < n; u++) acc += e[j * stride + b * block + u] * v[u * D];
+            }
+            o[j * D + d] = acc;
+        }
+}
+
+#ifdef PDMIX_X86
+#define LANES 8
+__attribute__((target("avx2"))) static void block_scores_avx2(const float *q, int64_t G, int64_t D, const float *k,
+                                                                int64_t block, int64_t n, float *s, int64_t stride) {
+    int64_t t = 0;
+    for (; t + LANES <= n; t += LANES)
+        for (int64_t j0 = 0; j0 < G; j0 += 4) { /* up to 4 heads share each loaded key vector */
+            int64_t gj = G - j0 < 4 ? G - j0 : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t d = 0; d < D; d++) {
+                __m256 kd = _mm256_loadu_ps(k + d * block + t);
+                for (int64_t j = 0; j < gj; j++)
+                    acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_set1_ps(q[(j0 + j) * D + d]), kd));
+            }
+            for (int64_t j = 0; j < gj; j++) _mm256_storeu_ps(s + (j0 + j) * stride + t, acc[j]);
+        }
+    if (t < n) block_scores_plain(q, G, D, k + t, block, n - t, s + t, stride);
+}
+
+__attribute__((target("avx2"))) static void weighted_values_avx2(const float *e, int64_t G, int64_t D, const float *vc,
+                                                                   int64_t KV, int64_t g, int64_t block,
+                                                                   const int64_t *table, int64_t len, int64_t stride,
+                                                                   float *o) {
+    int64_t d0 = 0;
+    for (; d0 + LANES <= D; d0 += LANES)
+        for (int64_t j0 = 0; j0 < G; j0 += 4) { /* up to 4 heads share each loaded value vector */
+            int64_t gj = G - j0 < 4 ? G - j0 : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t b = 0; b * block < len; b++) {
+                const float *v = vc + (table[b] * KV + g) * block * D + d0; /* [block, D] */
+                int64_t n = len - b * block < block ? len - b * block : block;
+                const float *eb = e + j0 * stride + b * block;
+                for (int64_t u = 0; u < n; u++) {
+                    __m256 vt = _mm256_loadu_ps(v + u * D);
+                    for (int64_t j = 0; j < gj; j++)
+                        acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_set1_ps(eb[j * stride + u]), vt));
+                }
+            }
+            for (int64_t j = 0; j < gj; j++) _mm256_storeu_ps(o + (j0 + j) * D + d0, acc[j]);
+        }
+    weighted_values_plain(e, G, D, vc, KV, g, block, table, len, stride, d0, o); /* dimensions past the last 8 */
+}
 #endif
+
+/* One (sequence, kv head): its G query heads q [G, D] against the kv head's len tokens -> o [G, D].
+   scores: G * stride floats, stride >= len. */
 static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t g, const float *kc,
                        const float *vc, int64_t block, const int64_t *table, int64_t len, float scale,
-                       float *scores, float *o) {
-    int64_t nblocks = (len + block - 1) / block;
-    for (int64_t j = 0; j < G; j++) {
-        const float *qh = q + j * D;
-        float *oh = o + j * D;
-        float top = -INFINITY;
-        for (int64_t b = 0; b < nblocks; b++) {
-            const float *k = kc + (table[b] * KV + g) * D * block; /* [D, block] */
-            int64_t n = len - b * block < block ? len - b * block : block;
-            float *s = scores + b * block;
-            for (int64_t t = 0; t < n; t++) s[t] = 0.0f;
-            for (int64_t d = 0; d < D; d++) {
-                float qd = qh[d];
-                const float *kd = k + d * block;
-                for (int64_t t = 0; t < n; t++) s[t] += qd * kd[t];
-            }
-            for (int64_t t = 0; t < n; t++) {
-                s[t] *= scale;
-                if (s[t] > top) top = s[t];
-            }
+                       float *scores, int64_t stride, float *o) {
+    int fast = 0;
+#ifdef PDMIX_X86
+    fast = pdmix_s8gemm_isa() == 2;
+#endif
+    for (int64_t b = 0; b * block < len; b++) {
+        const float *k = kc + (table[b] * KV + g) * D * block; /* [D, block] */
+        int64_t n = len - b * block < block ? len - b * block : block;
+#ifdef PDMIX_X86
+        if (fast) {
+            block_scores_avx2(q, G, D, k, block, n, scores + b * block, stride);
+            continue;
         }
-        float den = 0.0f;
-        for (int64_t d = 0; d < D; d++) oh[d] = 0.0f;
-        for (int64_t b = 0; b < nblocks; b++) {
-            const float *v = vc + (table[b] * KV + g) * block * D; /* [block, D] */
-            int64_t n = len - b * block < block ? len - b * block : block;
-            for (int64_t t = 0; t < n; t++) {
-                float e = expf(scores[b * block + t] - top);
-                den += e;
-                const float *vt = v + t * D;
-                for (int64_t d = 0; d < D; d++) oh[d] += e * vt[d];
-            }
-        }
-        for (int64_t d = 0; d < D; d++) oh[d] /= den;
+#endif
+        block_scores_plain(q, G, D, k, block, n, scores + b * block, stride);
     }
+    float *den = o + G * D; /* G floats after o */
+    for (int64_t j = 0; j < G; j++) {
+        float *s = scores + j * stride, top = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            s[t] *= scale;
+            if (s[t] > top) top = s[t];
+        }
+        for (int64_t t = 0; t < len; t++) {
+            s[t] = expf(s[t] - top);
+            sum += s[t];
+        }
+        den[j] = sum;
+    }
+#ifdef PDMIX_X86
+    if (fast) weighted_values_avx2(scores, G, D, vc, KV, g, block, table, len, stride, o);
+    else
+#endif
+        weighted_values_plain(scores, G, D, vc, KV, g, block, table, len, stride, 0, o);
+    for (int64_t j = 0; j < G; j++)
+        for (int64_t d = 0; d < D; d++) o[j * D + d] /= den[j];
 }
 
 /* out [B, H, D] (bf16 if io_bf16, else fp32) from q [B, H, D] in the same dtype; tables [B, table_width]
@@ -80,18 +158,18 @@ int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int
                            const int64_t *lengths, float scale, void *out, int threads) {
     int64_t G = H / KV, longest = 0, tasks = B * KV;
     for (int64_t b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-    int64_t scratch = ((longest + block - 1) / block) * block + 2 * G * D;
+    int64_t stride = ((longest + block - 1) / block) * block, scratch = G * stride + 2 * G * D + G;
     int failed = 0, parallel = threads > 1 && tasks > 1 && longest * H * D * B >= (1 << 16);
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed) if (parallel)
     for (int64_t task = 0; task < tasks; task++) {
         int64_t b = task / KV, g = task % KV;
         float *buf = (float *)malloc((size_t)scratch * sizeof(float));
         if (!buf) { failed = 1; continue; }
-        float *qf = buf + scratch - 2 * G * D, *o = qf + G * D;
+        float *qf = buf + G * stride, *o = qf + G * D; /* o: G * D outputs, then G denominators */
         int64_t first = (b * H + g * G) * D;
         for (int64_t p = 0; p < G * D; p++)
             qf[p] = io_bf16 ? bf16_in(((const uint16_t *)q)[first + p]) : ((const float *)q)[first + p];
-        head_group(qf, G, D, KV, g, kc, vc, block, tables + b * table_width, lengths[b], scale, buf, o);
+        head_group(qf, G, D, KV, g, kc, vc, block, tables + b * table_width, lengths[b], scale, buf, stride, o);
         for (int64_t p = 0; p < G * D; p++) {
             if (io_bf16) ((uint16_t *)out)[first + p] = bf16_out(o[p]);
             else ((float *)out)[first + p] = o[p];

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pdmix.paths import pdmix_home
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.c"))  # compiled together; the key also covers the headers they include
 # OpenMP splits the work over torch's threads, when the compiler has it; no fused multiply-add
 # contraction, so that fp32 arithmetic rounds as the reference's separate torch ops do
 FLAGS = (["-O3", "-ffp-contract=off", "-fopenmp"], ["-O3", "-ffp-contract=off"])
@@ -69,7 +70,7 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"no C compiler to build pdmix's C kernels ({cc}: {e.__class__.__name__})"
     digest = hashlib.sha256(version.encode() + platform.machine().encode() + repr(FLAGS).encode())
-    for source in SOURCES:
+    for source in sorted(CSRC.glob("*.[ch]")):
         digest.update(source.name.encode() + source.read_bytes())
     path = build_dir() / f"pdmix-kernels-{digest.hexdigest()[:16]}.so"
     if not path.exists() and (why := compile_library(cc, path)):

@@ -60,8 +60,7 @@ class CpuInt8Kernel(reference.ReferenceKernel):
         compiled graph: every row quantized both ways, one GEMM; the same bits as apply()."""
         p = self.params
         if self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES:
-            return torch.ops.pdmix.w8a8_linear(x, dynamic, p.weight, p.input_scale, p.input_offset, p.deq_scale,
-                                               p.quant_bias, p.weight_scale, p.bias_float, self.out_dtype)
+            return torch.ops.pdmix.w8a8_linear(x, dynamic, *self.linear.graph_tensors(), self.out_dtype)
         q_dyn, s = reference.quantize_dynamic(x)
         q = torch.where(dynamic, q_dyn, reference.quantize_static(x, p.input_scale, p.input_offset))
         acc = torch.ops.pdmix.s8gemm(q, p.weight)

@@ -38,6 +38,24 @@ def q8_0_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, w
 LINEAR_DTYPES = (torch.bfloat16, torch.float32)  # what w8a8_linear reads and writes
 
 
+def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, args: tuple, n: int,
+            out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One pdmix_w8a8_linear call; args: (weight, n, k, input_scale, input_offset, deq_scale,
+    quant_bias, weight_scale, bias_float) as pointers and numbers."""
+    assert x.dtype in LINEAR_DTYPES, x.dtype
+    x, m = x.contiguous(), x.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype)
+    assert out.is_contiguous() and out.dtype == out_dtype and out.shape == (m, n)
+    if dynamic is not None and not (dynamic.dtype in (torch.bool, torch.uint8) and dynamic.is_contiguous()):
+        dynamic = dynamic.to(torch.uint8).contiguous()  # bool is one byte of 0 or 1: read as it is
+    if m and library()[0].pdmix_w8a8_linear(
+            x.data_ptr(), x.dtype == torch.bfloat16, m, None if dynamic is None else dynamic.data_ptr(), n_dynamic,
+            *args, out.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads()):
+        raise MemoryError(f"w8a8_linear: no memory for {m} x {x.shape[1]} activations")
+    return out
+
+
 class W8A8Linear:
     """A whole W8A8_MIX linear in one C call (`pdmix_w8a8_linear`): each row quantized on its path,
     one exact GEMM, each row's epilogue, the output in bf16 or fp32, bit for bit what
@@ -50,6 +68,7 @@ class W8A8Linear:
         assert out_dtype in LINEAR_DTYPES, out_dtype
         f32 = lambda t: t.to(torch.float32).reshape(-1).contiguous()  # noqa: E731
         self.weight = weight.contiguous()
+        self.input_scale, self.input_offset = (t.to(torch.float32).reshape(()) for t in (input_scale, input_offset))
         self.vectors = (f32(deq_scale), quant_bias.to(torch.int32).reshape(-1).contiguous(), f32(weight_scale),
                         None if bias_float is None else f32(bias_float))
         self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
@@ -60,27 +79,23 @@ class W8A8Linear:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """x [m, k] (bf16 or fp32) -> [m, n]: rows [0, n_dynamic) dynamic, or the rows where the bool
         `dynamic` [m] is set; into `out` (contiguous, the output dtype) when given."""
-        assert x.dtype in LINEAR_DTYPES, x.dtype
-        x, m = x.contiguous(), x.shape[0]
-        if out is None:
-            out = torch.empty((m, self.n), dtype=self.out_dtype)
-        assert out.is_contiguous() and out.dtype == self.out_dtype and out.shape == (m, self.n)
-        if dynamic is not None:
-            dynamic = dynamic.reshape(-1).to(torch.uint8).contiguous()
-        if m and library()[0].pdmix_w8a8_linear(
-                x.data_ptr(), x.dtype == torch.bfloat16, m, None if dynamic is None else dynamic.data_ptr(),
-                n_dynamic, *self._args, out.data_ptr(), self.out_dtype == torch.bfloat16, torch.get_num_threads()):
-            raise MemoryError(f"w8a8_linear: no memory for {m} x {self.k} activations")
-        return out
+        return _linear(x, n_dynamic, dynamic, self._args, self.n, self.out_dtype, out)
+
+    def graph_tensors(self) -> tuple:
+        """What `pdmix::w8a8_linear` takes after x and the row mask."""
+        return (self.weight, self.input_scale, self.input_offset, *self.vectors)
 
 
 @torch.library.custom_op("pdmix::w8a8_linear", mutates_args=())
 def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor,
                    input_offset: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor,
-                   weight_scale: torch.Tensor, bias_float: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row)."""
-    return W8A8Linear(weight, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float,
-                      out_dtype)(x, dynamic=dynamic)
+                   weight_scale: torch.Tensor, bias_float: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row), on
+    W8A8Linear's own tensors (`graph_tensors()`: contiguous, fp32 and int32, as the C code reads them)."""
+    args = (weight.data_ptr(), weight.shape[0], weight.shape[1], input_scale.item(), input_offset.item(),
+            deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
+            None if bias_float is None else bias_float.data_ptr())
+    return _linear(x, 0, dynamic, args, weight.shape[0], out_dtype)
 
 
 @w8a8_linear_op.register_fake

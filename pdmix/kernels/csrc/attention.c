@@ -14,24 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
 #include <immintrin.h>
 #endif
-
-static inline float bf16_in(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t bf16_out(float f) { /* c10::BFloat16's round to nearest even */
-    uint32_t u;
-    if (f != f) return 0x7fc0;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 int pdmix_s8gemm_isa(void); /* s8gemm.c: 2 where the AVX2 paths run */
 
@@ -168,10 +156,10 @@ int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int
         float *qf = buf + G * stride, *o = qf + G * D; /* o: G * D outputs, then G denominators */
         int64_t first = (b * H + g * G) * D;
         for (int64_t p = 0; p < G * D; p++)
-            qf[p] = io_bf16 ? bf16_in(((const uint16_t *)q)[first + p]) : ((const float *)q)[first + p];
+            qf[p] = io_bf16 ? bf16_to_float(((const uint16_t *)q)[first + p]) : ((const float *)q)[first + p];
         head_group(qf, G, D, KV, g, kc, vc, block, tables + b * table_width, lengths[b], scale, buf, stride, o);
         for (int64_t p = 0; p < G * D; p++) {
-            if (io_bf16) ((uint16_t *)out)[first + p] = bf16_out(o[p]);
+            if (io_bf16) ((uint16_t *)out)[first + p] = float_to_bf16(o[p]);
             else ((float *)out)[first + p] = o[p];
         }
         free(buf);
@@ -188,8 +176,8 @@ void pdmix_kv_write(const void *k, const void *v, int in_bf16, int64_t k_row, in
         for (int64_t g = 0; g < KV; g++)
             for (int64_t d = 0; d < D; d++) {
                 int64_t i = g * D + d;
-                float kv = in_bf16 ? bf16_in(((const uint16_t *)k)[t * k_row + i]) : ((const float *)k)[t * k_row + i];
-                float vv = in_bf16 ? bf16_in(((const uint16_t *)v)[t * v_row + i]) : ((const float *)v)[t * v_row + i];
+                float kv = in_bf16 ? bf16_to_float(((const uint16_t *)k)[t * k_row + i]) : ((const float *)k)[t * k_row + i];
+                float vv = in_bf16 ? bf16_to_float(((const uint16_t *)v)[t * v_row + i]) : ((const float *)v)[t * v_row + i];
                 kc[((blk * KV + g) * D + d) * block + off] = kv;
                 vc[((blk * KV + g) * block + off) * D + d] = vv;
             }

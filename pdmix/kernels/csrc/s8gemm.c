@@ -14,6 +14,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
 #include <immintrin.h>
@@ -265,20 +267,6 @@ struct epilogue {
     void *y;                                            /* [m, n], bf16 (y_bf16) or fp32 */
     int y_bf16;
 };
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* c10::BFloat16's round to nearest even */
-    uint32_t u;
-    if (f != f) return 0x7fc0;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 

@@ -11,7 +11,6 @@ import torch
 
 from pdmix.kernels import reference, s8gemm
 from pdmix.kernels.fusion import fused
-from pdmix.kernels.onednn import cpu_layer_unsupported
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 
@@ -20,7 +19,7 @@ class CpuInt8Kernel(reference.ReferenceKernel):
 
     @staticmethod
     def unsupported(device: torch.device, row_parallel: bool) -> str | None:
-        return cpu_layer_unsupported(device, row_parallel) or s8gemm.library()[1]
+        return reference.layer_unsupported(device, row_parallel, "cpu") or s8gemm.library()[1]
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
         assert reduce is None and reduce_max is None
@@ -30,13 +29,17 @@ class CpuInt8Kernel(reference.ReferenceKernel):
                                          p.weight_scale, p.bias_float, out_dtype)
                        if out_dtype in s8gemm.LINEAR_DTYPES else None)
 
+    def whole_in_c(self, x: torch.Tensor) -> bool:
+        """bf16 and fp32 models run the whole linear as one C call; others (fp16) the pieces below."""
+        return self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES
+
     def matmul(self, x_q: torch.Tensor) -> torch.Tensor:
         return s8gemm.gemm(x_q, self.params.weight)
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
         """One GEMM over both row sets (a mixed step streams the weight once); for bf16 and fp32
         models the whole linear is one C call."""
-        if self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES:
+        if self.whole_in_c(x):
             return self.linear(x, n_dynamic)
         p, m = self.params, x.shape[0]
         if m == 0:
@@ -59,7 +62,7 @@ class CpuInt8Kernel(reference.ReferenceKernel):
         """apply() with the rows' paths as a bool [m, 1] tensor (True: dynamic), the form inside a
         compiled graph: every row quantized both ways, one GEMM; the same bits as apply()."""
         p = self.params
-        if self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES:
+        if self.whole_in_c(x):
             return torch.ops.pdmix.w8a8_linear(x, dynamic, *self.linear.graph_tensors(), self.out_dtype)
         q_dyn, s = reference.quantize_dynamic(x)
         q = torch.where(dynamic, q_dyn, reference.quantize_static(x, p.input_scale, p.input_offset))

@@ -22,11 +22,7 @@ class CudaKernel(reference.ReferenceKernel):
 
     @staticmethod
     def unsupported(device: torch.device, row_parallel: bool) -> str | None:
-        if device.type != "cuda":
-            return "runs on CUDA devices only"
-        if row_parallel:
-            return "row-parallel shards use the reference kernel (exact int32 all-reduce)"
-        return None
+        return reference.layer_unsupported(device, row_parallel, "cuda")
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
         p = self.params

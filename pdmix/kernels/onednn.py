@@ -113,21 +113,12 @@ def _(x_u8, handle, out_features):
     return x_u8.new_empty((x_u8.shape[0], out_features), dtype=torch.float32)
 
 
-def cpu_layer_unsupported(device: torch.device, row_parallel: bool) -> str | None:
-    """What keeps a CPU backend's layer from running (shared by the CPU backends)."""
-    if device.type != "cpu":
-        return "runs on CPU only"
-    if row_parallel:
-        return "a row-parallel shard all-reduces its int32 accumulators in the reference kernel"
-    return None
-
-
 class OneDNNKernel:
     name = "onednn"
 
     @staticmethod
     def unsupported(device: torch.device, row_parallel: bool) -> str | None:
-        if why := cpu_layer_unsupported(device, row_parallel):
+        if why := reference.layer_unsupported(device, row_parallel, "cpu"):
             return why
         if not available():
             return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"

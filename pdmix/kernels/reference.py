@@ -72,6 +72,16 @@ def linear_dynamic(x, weight_t, weight_scale_row, bias_float, out_dtype):
     return epilogue_dynamic(int8_matmul(x_q, weight_t), s, weight_scale_row, bias_float, out_dtype)
 
 
+def layer_unsupported(device: torch.device, row_parallel: bool, device_type: str) -> str | None:
+    """What keeps a layer from a backend that runs on one device type: another device, or a
+    row-parallel shard (its exact int32 accumulators are all-reduced in the reference kernel)."""
+    if device.type != device_type:
+        return f"runs on {device_type.upper()} only"
+    if row_parallel:
+        return "a row-parallel shard all-reduces its int32 accumulators in the reference kernel"
+    return None
+
+
 class ReferenceKernel:
     """Both paths of a W8A8_MIX linear in one GEMM per step: rows [0, n_dynamic) dynamic, the rest static.
 

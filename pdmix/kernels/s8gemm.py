@@ -38,12 +38,12 @@ def q8_0_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, w
 LINEAR_DTYPES = (torch.bfloat16, torch.float32)  # what w8a8_linear reads and writes
 
 
-def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, args: tuple, n: int,
-            out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, args: tuple, out_dtype: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """One pdmix_w8a8_linear call; args: (weight, n, k, input_scale, input_offset, deq_scale,
     quant_bias, weight_scale, bias_float) as pointers and numbers."""
     assert x.dtype in LINEAR_DTYPES, x.dtype
-    x, m = x.contiguous(), x.shape[0]
+    x, m, n = x.contiguous(), x.shape[0], args[1]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
     assert out.is_contiguous() and out.dtype == out_dtype and out.shape == (m, n)
@@ -79,7 +79,7 @@ class W8A8Linear:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """x [m, k] (bf16 or fp32) -> [m, n]: rows [0, n_dynamic) dynamic, or the rows where the bool
         `dynamic` [m] is set; into `out` (contiguous, the output dtype) when given."""
-        return _linear(x, n_dynamic, dynamic, self._args, self.n, self.out_dtype, out)
+        return _linear(x, n_dynamic, dynamic, self._args, self.out_dtype, out)
 
     def graph_tensors(self) -> tuple:
         """What `pdmix::w8a8_linear` takes after x and the row mask."""
@@ -95,7 +95,7 @@ def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor,
     args = (weight.data_ptr(), weight.shape[0], weight.shape[1], input_scale.item(), input_offset.item(),
             deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
             None if bias_float is None else bias_float.data_ptr())
-    return _linear(x, 0, dynamic, args, weight.shape[0], out_dtype)
+    return _linear(x, 0, dynamic, args, out_dtype)
 
 
 @w8a8_linear_op.register_fake

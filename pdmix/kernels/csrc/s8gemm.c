@@ -22,9 +22,7 @@
 #endif
 
 #define MB 64   /* rows of x per block: their int16 copy (64 x k x 2 bytes) stays in L2 */
-#ifndef STREAM_ROWS
 #define STREAM_ROWS 4 /* blocks of up to this many rows of x take the streaming GEMV */
-#endif
 #define AHEAD 8 /* weight rows prefetched ahead: rows are short (k bytes), too short for the
                    hardware prefetcher to follow four of them at once (1.4x at decode here) */
 

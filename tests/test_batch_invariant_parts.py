@@ -125,5 +125,5 @@ def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch, tmp
     code = ("import sys, torch; from pdmix.kernels import clib, cpu_attention; a = torch.load(sys.argv[1]); "
             "assert clib.isa() == 'plain'; torch.save(cpu_attention.decode(*a), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
-                   env={**os.environ, "PDMIX_S8GEMM_PLAIN": "1"})
+                   env={**os.environ, "PDMIX_S8GEMM_ISA": "plain"})
     assert torch.equal(torch.load(tmp_path / "out.pt"), cpu_attention.decode(*args))

@@ -9,7 +9,7 @@ import torch
 
 from pdmix import kernels
 from pdmix.errors import PdmixError
-from pdmix.kernels import fusion, onednn, reference, s8gemm
+from pdmix.kernels import clib, fusion, onednn, reference, s8gemm
 from pdmix.kernels.reference import ReferenceKernel
 from pdmix.quant.arithmetic import quantize_linear, static_activation_params
 from pdmix.schemes import w8a8_mix
@@ -87,8 +87,8 @@ def test_onednn_accumulators_are_exact_at_the_ends_of_the_code_range():
 
 
 def test_priority_list_and_forcing():
-    # pdmix's own GEMM first where oneDNN needs twice the arithmetic to be exact (no VNNI)
-    first = "cpu_int8" if onednn.needs_split() else "onednn"
+    # pdmix's own GEMM first where it has a vector path, or where oneDNN needs twice the arithmetic
+    first = "cpu_int8" if s8gemm.isa() not in (None, "plain") or onednn.needs_split() else "onednn"
     assert kernels.choose(CPU).name == kernels.priority("cpu")[0] == first
     # a row-parallel shard needs the exact int32 all-reduce: only the reference exposes its accumulator
     assert kernels.choose(CPU, row_parallel=True).name == "reference"
@@ -153,7 +153,8 @@ def test_masked_rows_equal_split_rows(name, m, n_dynamic):
     assert torch.equal(k.apply_masked(x, mask), k.apply(x, n_dynamic))
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (2, 96, 576), (3, 13, 40), (65, 130, 64), (17, 4, 16), (130, 37, 1536)])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (2, 96, 576), (3, 13, 40), (65, 130, 64), (17, 4, 16), (130, 37, 1536),
+                                   (7, 9, 100)])
 def test_s8gemm_is_exact_for_every_code_and_shape(m, n, k):
     """pdmix's C GEMM against int64 products summed here: the ends of the int8 range (-128 too, which
     msModelSlim's static codes reach), ragged n and k (tails off the AVX2 path), more rows than a block."""
@@ -185,11 +186,15 @@ def tie_layer(n: int, k: int, seed: int) -> tuple[w8a8_mix.W8A8Params, torch.Ten
     return p, x
 
 
-def test_s8gemm_plain_c_path_computes_what_the_avx2_path_does(tmp_path):
-    """The portable loops (CPUs without AVX2), forced in a child process: the same integers, and the
-    same blocked sums up to fp32 order."""
+@pytest.mark.parametrize("cap", ["plain", "avx2"])
+def test_s8gemm_slower_paths_compute_what_this_cpus_path_does(tmp_path, cap):
+    """The portable loops (CPUs without AVX2) and the AVX2 path (CPUs without AVX-512 VNNI), forced in
+    a child process: the same integers, and the same blocked sums up to fp32 order."""
     if s8gemm.library()[0] is None:
         pytest.skip(s8gemm.library()[1])
+    order = list(clib.ISAS.values())[::-1]  # plain, avx2, avx512_vnni
+    if order.index(cap) >= order.index(s8gemm.isa()):
+        pytest.skip(f"this CPU runs the {s8gemm.isa()} path itself")
     g = torch.Generator().manual_seed(7)
     x = torch.randint(-128, 128, (3, 64), dtype=torch.int8, generator=g)
     w = torch.randint(-128, 128, (70, 64), dtype=torch.int8, generator=g)
@@ -198,10 +203,10 @@ def test_s8gemm_plain_c_path_computes_what_the_avx2_path_does(tmp_path):
     args = (p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias, p.weight_scale, p.bias_float)
     torch.save((x, w, dx, dw, args, rows), tmp_path / "in.pt")
     code = ("import sys, torch; from pdmix.kernels import s8gemm; x, w, dx, dw, args, rows = torch.load(sys.argv[1]); "
-            "assert s8gemm.isa() == 'plain'; lin = s8gemm.W8A8Linear(*args, torch.bfloat16); "
+            f"assert s8gemm.isa() == {cap!r}; lin = s8gemm.W8A8Linear(*args, torch.bfloat16); "
             "torch.save((s8gemm.gemm(x, w), s8gemm.q8_0_gemm(x, dx, w, dw), lin(rows.bfloat16(), 4)), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
-                   env={**os.environ, "PDMIX_S8GEMM_PLAIN": "1"})
+                   env={**os.environ, "PDMIX_S8GEMM_ISA": cap})
     acc, blocks, y = torch.load(tmp_path / "out.pt")
     assert torch.equal(acc, s8gemm.gemm(x, w))
     assert torch.allclose(blocks, s8gemm.q8_0_gemm(x, dx, w, dw), rtol=1e-5, atol=1e-3)

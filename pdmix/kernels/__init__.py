@@ -13,7 +13,7 @@ oracle of the tests.
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.kernels import onednn
+from pdmix.kernels import onednn, s8gemm
 from pdmix.kernels.cpu_int8 import CpuInt8Kernel
 from pdmix.kernels.cuda import CudaKernel
 from pdmix.kernels.onednn import OneDNNKernel
@@ -24,11 +24,14 @@ BACKENDS = {k.name: k for k in (OneDNNKernel, CpuInt8Kernel, CudaKernel, Referen
 
 
 def priority(device_type: str) -> tuple[str, ...]:
-    """The backends a device type tries, in order. On x86 CPUs without VNNI oneDNN's exact int8 GEMM
-    runs twice the arithmetic (onednn.needs_split, checked at first use, not at import); there pdmix's
-    own GEMM comes first (kernels/cpu_int8.py)."""
+    """The backends a device type tries, in order. On CPUs where pdmix's own C GEMM has a vector path
+    (x86 with AVX2 or AVX-512 VNNI) it comes first: it streams the checkpoint's weight at decode
+    (1.5x oneDNN's GEMM at batch 1 with VNNI, about 2x without, where oneDNN's exact form runs twice
+    the arithmetic) and is about even at prefill (docs/performance.md). Elsewhere oneDNN comes first,
+    unless it is inexact there (onednn.needs_split, checked at first use, not at import)."""
     if device_type == "cpu":
-        return ("cpu_int8", "onednn", "reference") if onednn.needs_split() else ("onednn", "cpu_int8", "reference")
+        own_first = s8gemm.isa() not in (None, "plain") or onednn.needs_split()
+        return ("cpu_int8", "onednn", "reference") if own_first else ("onednn", "cpu_int8", "reference")
     return ("cuda", "reference") if device_type == "cuda" else ("reference",)
 
 

@@ -1,8 +1,8 @@
 """pdmix's C kernels (csrc/*.c: the int8 GEMMs and linear, decode attention), built with the system C
 compiler (`$CC`, default `cc`) at first use into one shared library, cached under $PDMIX_HOME/kernels
 keyed by the sources, the flags and the compiler, and loaded with ctypes (which lets go of the GIL
-during a call). One build runs on any x86-64 CPU: AVX2 paths are compiled by function attribute and
-chosen at run time, never with -march=native. Without a compiler `library()` says why, and what
+during a call). One build runs on any x86-64 CPU: AVX2 and AVX-512 VNNI paths are compiled by function
+attribute and chosen at run time, never with -march=native. Without a compiler `library()` says why, and what
 uses it stands aside (the cpu_int8 backend) or falls back to torch (attention, the int8 lm_head).
 """
 
@@ -86,7 +86,10 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def isa() -> str | None:
-    """The path the library runs on this CPU ("avx2" or "plain"; PDMIX_S8GEMM_PLAIN=1 forces plain),
-    None if it is unavailable."""
+    """The path the library runs on this CPU ("avx512_vnni", "avx2" or "plain"; PDMIX_S8GEMM_ISA=plain or
+    avx2 caps it), None if it is unavailable."""
     lib = library()[0]
-    return None if lib is None else {2: "avx2", 1: "plain"}[lib.pdmix_s8gemm_isa()]
+    return None if lib is None else ISAS[lib.pdmix_s8gemm_isa()]
+
+
+ISAS = {3: "avx512_vnni", 2: "avx2", 1: "plain"}

@@ -1,8 +1,9 @@
-"""W8A8_MIX on CPUs with pdmix's own exact int8 GEMM (`s8gemm`, C): the first backend on x86 CPUs
-without VNNI, where oneDNN's int8 GEMM must run twice the arithmetic to stay exact (onednn.py).
+"""W8A8_MIX on CPUs with pdmix's own exact int8 GEMM (`s8gemm`, C, with AVX2 and AVX-512 VNNI paths):
+the first backend on x86 CPUs (kernels.priority).
 
 It keeps the checkpoint's int8 weight as it is (no prepacked copy) and streams it once per step:
-at decode (M <= 16) about 4x oneDNN's split GEMM here, at prefill about even (docs/performance.md).
+at decode (M <= 4) close to the read bandwidth, 1.5x oneDNN's GEMM with VNNI and about 4x its split
+form without (onednn.py); at prefill about even with oneDNN (docs/performance.md).
 Quantization and epilogues are the reference's functions, fused for large steps, so outputs are bit
 for bit the reference's.
 """

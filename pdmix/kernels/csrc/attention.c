@@ -104,7 +104,7 @@ static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t
                        float *scores, int64_t stride, float *o) {
     int fast = 0;
 #ifdef PDMIX_X86
-    fast = pdmix_s8gemm_isa() == 2;
+    fast = pdmix_s8gemm_isa() >= 2;
 #endif
     for (int64_t b = 0; b * block < len; b++) {
         const float *k = kc + (table[b] * KV + g) * D * block; /* [D, block] */

@@ -233,16 +233,163 @@ __attribute__((target("avx2,fma"))) static void q8_gemm_avx2(const struct proble
             for (int64_t r = 0; r < mb; r++) q8_tile_1x1(x16 + r * k, dx + (i0 + r) * nb, w, dw, j, k, out + (i0 + r) * n);
     }
 }
+
+/* ---- AVX-512 VNNI (vpdpbusd: four u8 x s8 products summed into each int32 lane, exactly). x's codes
+   are made unsigned, u = x + 128, and the excess is taken off with the same instruction:
+   sum(u * w) - sum(128 * w) = sum(x * w), every partial sum exact in int32 (|sum| <= k * 255 * 128).
+   Any k: the last 64-byte chunk of a row is read with a mask. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define DP(c, a, b) c = _mm512_dpbusd_epi32(c, a, b)
+
+/* rows x [mb, k] int8 -> u [mb, k] uint8 = x + 128 */
+VNNI static void to_unsigned(const int8_t *x, int64_t mb, int64_t k, uint8_t *u) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int64_t p = 0, all = mb * k;
+    for (; p + 64 <= all; p += 64)
+        _mm512_storeu_si512(u + p, _mm512_xor_si512(_mm512_loadu_si512(x + p), flip));
+    for (; p < all; p++) u[p] = (uint8_t)(x[p] ^ 0x80);
+}
+
+VNNI static inline __mmask64 tail_mask(int64_t left) { return left >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << left) - 1; }
+
+/* R (1-4) rows of u against one row of w, read front to back as one stream (see row_stream) */
+VNNI static inline __attribute__((always_inline)) void stream_vnni(const uint8_t *u, int R, const int8_t *wr,
+                                                                   int64_t k, int32_t *res) {
+    const __m512i h = _mm512_set1_epi8((char)0x80);
+    __m512i z = _mm512_setzero_si512(), c0 = z, c1 = z, c2 = z, c3 = z;
+    __m512i e = z;
+    for (int64_t p = 0; p < k; p += 64) {
+        _mm_prefetch((const char *)(wr + p + STREAM_AHEAD), _MM_HINT_T0);
+        __mmask64 m = tail_mask(k - p);
+        __m512i b = _mm512_maskz_loadu_epi8(m, wr + p);
+        DP(e, h, b);
+        DP(c0, _mm512_maskz_loadu_epi8(m, u + p), b);
+        if (R > 1) DP(c1, _mm512_maskz_loadu_epi8(m, u + k + p), b);
+        if (R > 2) DP(c2, _mm512_maskz_loadu_epi8(m, u + 2 * k + p), b);
+        if (R > 3) DP(c3, _mm512_maskz_loadu_epi8(m, u + 3 * k + p), b);
+    }
+    res[0] = _mm512_reduce_add_epi32(_mm512_sub_epi32(c0, e));
+    if (R > 1) res[1] = _mm512_reduce_add_epi32(_mm512_sub_epi32(c1, e));
+    if (R > 2) res[2] = _mm512_reduce_add_epi32(_mm512_sub_epi32(c2, e));
+    if (R > 3) res[3] = _mm512_reduce_add_epi32(_mm512_sub_epi32(c3, e));
+}
+
+/* the sums of the 16 lanes of each v[i], as lane i of one vector (exact: int32 adds) */
+VNNI static inline __m512i sum16(__m512i *v) {
+    __m512i t[8], q[4];
+    for (int i = 0; i < 8; i++) /* lanes of 128-bit quarter: [v2i, v2i+1, v2i, v2i+1] */
+        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* [v4i, v4i+1, v4i+2, v4i+3] in every quarter */
+        q[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    __m512i a = _mm512_add_epi32(_mm512_shuffle_i32x4(q[0], q[1], 0x88), _mm512_shuffle_i32x4(q[0], q[1], 0xdd));
+    __m512i b = _mm512_add_epi32(_mm512_shuffle_i32x4(q[2], q[3], 0x88), _mm512_shuffle_i32x4(q[2], q[3], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xdd));
+}
+
+/* 128 * (the sum of row j + q of w), q = 0 .. 3: what the unsigned codes add to each dot product */
+VNNI static __m512i excess4(const int8_t *w, int64_t j, int64_t k) {
+    const __m512i h = _mm512_set1_epi8((char)0x80);
+    __m512i e[4];
+    for (int q = 0; q < 4; q++) {
+        __m512i t = _mm512_setzero_si512();
+        for (int64_t p = 0; p < k; p += 64) DP(t, h, _mm512_maskz_loadu_epi8(tail_mask(k - p), w + (j + q) * k + p));
+        e[q] = _mm512_set1_epi32(_mm512_reduce_add_epi32(t));
+    }
+    /* lane 4r + q holds row q's excess, the layout of sum16's result */
+    return _mm512_mask_blend_epi32(0x8888, _mm512_mask_blend_epi32(0x4444, _mm512_mask_blend_epi32(0x2222, e[0], e[1]),
+                                                                   e[2]), e[3]);
+}
+
+/* rows r .. r+3 of u (row stride k) against rows j .. j+3 of w -> out[r][j .. j+3] (row stride n):
+   16 accumulators, each chunk of x and w loaded once */
+#define COL(q)                                                                                             \
+    {                                                                                                      \
+        __m512i b = _mm512_maskz_loadu_epi8(m, w + (j + q) * k + p);                                       \
+        DP(c0##q, a0, b); DP(c1##q, a1, b); DP(c2##q, a2, b); DP(c3##q, a3, b);                            \
+    }
+VNNI static void tile_4x4_vnni(const uint8_t *u, const int8_t *w, int64_t j, int64_t k, __m512i excess, int32_t *out,
+                               int64_t n, const int8_t *ahead) {
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+    __m512i c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+    for (int64_t p = 0; p < k; p += 64) {
+        if (ahead)
+            for (int q = 0; q < 4; q++) _mm_prefetch((const char *)(ahead + q * k + p), _MM_HINT_T0);
+        __mmask64 m = tail_mask(k - p);
+        __m512i a0 = _mm512_maskz_loadu_epi8(m, u + p), a1 = _mm512_maskz_loadu_epi8(m, u + k + p);
+        __m512i a2 = _mm512_maskz_loadu_epi8(m, u + 2 * k + p), a3 = _mm512_maskz_loadu_epi8(m, u + 3 * k + p);
+        COL(0) COL(1) COL(2) COL(3)
+    }
+    __m512i v[16] = {c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33};
+    int32_t lanes[16];
+    _mm512_storeu_si512(lanes, _mm512_sub_epi32(sum16(v), excess));
+    for (int r = 0; r < 4; r++) memcpy(out + r * n + j, lanes + 4 * r, 4 * sizeof(int32_t));
+}
+
+VNNI static void stream_vnni_rows(const uint8_t *u, int64_t R, const int8_t *wr, int64_t k, int32_t *res) {
+    switch (R) {
+    case 4: stream_vnni(u, 4, wr, k, res); break;
+    case 3: stream_vnni(u, 3, wr, k, res); break;
+    case 2: stream_vnni(u, 2, wr, k, res); break;
+    default: stream_vnni(u, 1, wr, k, res); break;
+    }
+}
+
+/* columns [n0, n1) of out, any k; buf: the block's rows as unsigned codes (a per-thread buffer) */
+VNNI static void gemm_vnni(const struct problem *a, int64_t n0, int64_t n1, int16_t *buf) {
+    const int8_t *x = a->x, *w = a->w;
+    int64_t m = a->m, n = a->n, k = a->k;
+    int32_t *out = (int32_t *)a->out;
+    uint8_t *u = (uint8_t *)buf;
+    for (int64_t i0 = 0; i0 < m; i0 += MB) {
+        int64_t mb = m - i0 < MB ? m - i0 : MB;
+        to_unsigned(x + i0 * k, mb, k, u);
+        int64_t j = n0;
+        if (mb <= STREAM_ROWS) {
+            int32_t res[4];
+            for (; j < n1; j++) {
+                stream_vnni_rows(u, mb, w + j * k, k, res);
+                for (int64_t r = 0; r < mb; r++) out[(i0 + r) * n + j] = res[r];
+            }
+            continue;
+        }
+        for (; j + 4 <= n1; j += 4) {
+            const int8_t *ahead = j + AHEAD + 4 <= n1 ? w + (j + AHEAD) * k : 0;
+            __m512i excess = excess4(w, j, k);
+            int64_t r = 0;
+            for (; r + 4 <= mb; r += 4, ahead = 0)
+                tile_4x4_vnni(u + r * k, w, j, k, excess, out + (i0 + r) * n, n, ahead);
+            for (int64_t q = 0; q < 4 && r < mb; q++) { /* the last rows, by weight row */
+                int32_t res[4];
+                stream_vnni_rows(u + r * k, mb - r, w + (j + q) * k, k, res);
+                for (int64_t i = r; i < mb; i++) out[(i0 + i) * n + j + q] = res[i - r];
+            }
+        }
+        for (; j < n1; j++)
+            for (int64_t r = 0; r < mb; r += 4) {
+                int32_t res[4];
+                int64_t R = mb - r < 4 ? mb - r : 4;
+                stream_vnni_rows(u + r * k, R, w + j * k, k, res);
+                for (int64_t q = 0; q < R; q++) out[(i0 + r + q) * n + j] = res[q];
+            }
+    }
+}
 #endif
 
-/* Which path runs: 2 = AVX2, 1 = plain C (also when PDMIX_S8GEMM_PLAIN is set, for the tests).
-   Decided once per process: every GEMM call asks. */
+/* Which path runs: 3 = AVX-512 VNNI (the GEMMs; the rest as AVX2), 2 = AVX2, 1 = plain C.
+   PDMIX_S8GEMM_ISA=plain|avx2 caps it (the tests compare the paths). Decided once per process: every
+   GEMM call asks. */
 int pdmix_s8gemm_isa(void) {
     static int isa = 0; /* set once, whole: a thread never sees a half-made choice */
     if (!isa) {
         int chosen = 1;
 #ifdef PDMIX_X86
-        if (!getenv("PDMIX_S8GEMM_PLAIN") && __builtin_cpu_supports("avx2")) chosen = 2;
+        const char *cap = getenv("PDMIX_S8GEMM_ISA");
+        int most = !cap ? 3 : !strcmp(cap, "plain") ? 1 : !strcmp(cap, "avx2") ? 2 : 3;
+        if (__builtin_cpu_supports("avx2")) chosen = 2;
+        if (chosen == 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            chosen = 3;
+        chosen = chosen < most ? chosen : most;
 #endif
         isa = chosen;
     }
@@ -360,7 +507,7 @@ __attribute__((target("avx2"))) static float amax_avx2(const float *v, int64_t k
 }
 #endif
 
-static int fast(void) { return pdmix_s8gemm_isa() == 2; }
+static int fast(void) { return pdmix_s8gemm_isa() >= 2; }
 
 static void epilogue_columns(const struct problem *a, int64_t n0, int64_t n1) {
     for (int64_t i = 0; i < a->m; i++) {
@@ -450,15 +597,17 @@ static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
 }
 
 #ifdef PDMIX_X86
-#define AVX2_OR_NULL(fn, ok) ((ok) && pdmix_s8gemm_isa() == 2 ? (fn) : (avx2_part)0)
+#define AVX2_OR_NULL(fn, ok) ((ok) && pdmix_s8gemm_isa() >= 2 ? (fn) : (avx2_part)0)
+#define GEMM_PART(k) (pdmix_s8gemm_isa() == 3 ? gemm_vnni : AVX2_OR_NULL(gemm_avx2, (k) % 16 == 0))
 #else
 #define AVX2_OR_NULL(fn, ok) ((avx2_part)0)
+#define GEMM_PART(k) ((avx2_part)0)
 #endif
 
 /* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8. Returns 0, or -1 if out of memory. */
 int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int64_t n, int64_t k, int32_t *out, int threads) {
     struct problem a = {x, w, 0, 0, m, n, k, out, 0};
-    return run(&a, threads, AVX2_OR_NULL(gemm_avx2, k % 16 == 0), gemm_plain);
+    return run(&a, threads, GEMM_PART(k), gemm_plain);
 }
 
 /* y [m, n] (bf16 if y_bf16, else fp32) = the W8A8_MIX linear of x [m, k] (bf16 if x_bf16, else fp32):
@@ -484,7 +633,7 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
         }
         struct epilogue e = {dynamic, s, deq_scale, weight_scale, bias_float, quant_bias, y, y_bf16};
         struct problem a = {q, w, 0, 0, m, n, k, acc, &e};
-        rc = run(&a, threads, AVX2_OR_NULL(gemm_avx2, k % 16 == 0), gemm_plain);
+        rc = run(&a, threads, GEMM_PART(k), gemm_plain);
     }
     free(q); free(s); free(row); free(acc); free(rows);
     return rc;

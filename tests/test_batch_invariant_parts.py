@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pdmix.kernels import cpu_attention
+from pdmix.kernels import cpu_attention, cpu_float
 from pdmix.models.linear import FloatLinear
 from pdmix.runtime.attention import SeqRows, decode_attention, decode_group
 from pdmix.runtime.kv_cache import KVCache, Slots, token_slots
@@ -127,3 +127,29 @@ def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch, tmp
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
                    env={**os.environ, "PDMIX_S8GEMM_ISA": "plain"})
     assert torch.equal(torch.load(tmp_path / "out.pt"), cpu_attention.decode(*args))
+
+
+@pytest.mark.parametrize("cap", ["plain", "avx2", None])
+def test_c_float_linear_every_path_is_row_invariant_and_close_to_float64(tmp_path, cap):
+    """The C bf16 linear on each of its paths (forced below this CPU's in a child process): a row's
+    output is the same alone, in any batch and on any thread count, and is the float64 product with
+    bias rounded once to bf16 (up to fp32 summation)."""
+    if cpu_float.isa() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(37, 100, generator=g).bfloat16(), torch.randn(37, generator=g).bfloat16()
+    x = torch.randn(70, 100, generator=g).bfloat16()
+    torch.save((x, w, b), tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import cpu_float; x, w, b = torch.load(sys.argv[1]); "
+            "alone = torch.cat([cpu_float.linear(x[i:i + 1], w, b) for i in range(len(x))]); "
+            "parts = [cpu_float.linear(x[:m], w, b) for m in (2, 5, 17, 70)]; torch.set_num_threads(2); "
+            "torch.save((cpu_float.isa(), alone, parts, cpu_float.linear(x, w, b)), sys.argv[2])")
+    env = {**os.environ, "PDMIX_S8GEMM_ISA": cap} if cap else os.environ
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True, env=env)
+    isa, alone, parts, threaded = torch.load(tmp_path / "out.pt")
+    assert cap is None or isa == cap or (cap == "avx2" and isa == "plain")  # a CPU without AVX2 runs plain
+    for part in parts:
+        assert torch.equal(part, alone[:len(part)])
+    assert torch.equal(threaded, alone)
+    exact = (x.double() @ w.double().T + b.double()).bfloat16().double()
+    assert ((alone.double() - exact).abs() <= 2 ** -7 * exact.abs() + 1e-3).all()  # within one bf16 ulp

@@ -1,4 +1,4 @@
-"""pdmix's C kernels (csrc/*.c: the int8 GEMMs and linear, decode attention), built with the system C
+"""pdmix's C kernels (csrc/*.c: the int8 GEMMs and linear, the bf16 linear, decode attention), built with the system C
 compiler (`$CC`, default `cc`) at first use into one shared library, cached under $PDMIX_HOME/kernels
 keyed by the sources, the flags and the compiler, and loaded with ctypes (which lets go of the GIL
 during a call). One build runs on any x86-64 CPU: AVX2 and AVX-512 VNNI paths are compiled by function
@@ -30,6 +30,8 @@ SIGNATURES = {  # name: (argument types, result type)
     "pdmix_s8gemm_isa": ([], _int),
     "pdmix_w8a8_linear": ([_p, _int, _i64, _p, _i64, _p, _i64, _i64, _f32, _f32, _p, _p, _p, _p, _p, _int, _int], _int),
     "pdmix_decode_attention": ([_p, _int, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _p, _f32, _p, _int], _int),
+    "pdmix_bf16_linear": ([_p, _i64, _p, _i64, _i64, _p, _p, _int], None),
+    "pdmix_bf16gemm_isa": ([], _int),
     "pdmix_kv_write": ([_p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64], None),
 }
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdmix import kernels
+from pdmix.kernels import cpu_float
 from pdmix.schemes import w8a8_dynamic, w8a8_mix
 from pdmix.schemes.w8a8_mix import W8A8Params
 
@@ -34,8 +35,16 @@ class RowSplit:
 
 @torch.library.custom_op("pdmix::linear", mutates_args=())
 def eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear as an opaque op in a compiled graph: Inductor would otherwise lower a small-M GEMM to
-    its own loops, whose different summation order changes output bits (and then greedy tokens)."""
+    """The float linear as an opaque op in a compiled graph: Inductor would otherwise lower a small-M
+    GEMM to its own loops, whose different summation order changes output bits (and then greedy tokens)."""
+    return float_gemm(x, weight, bias)
+
+
+def float_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, in C for bf16 on CPU (kernels/cpu_float.py): a row's output then does not depend on
+    how many rows share the GEMM, which torch's bf16 GEMM does not promise."""
+    if cpu_float.usable(x, weight):
+        return cpu_float.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -57,6 +66,8 @@ class FloatLinear(nn.Module):
         # a W8A8_MIX model, so the extra work is small.
         self.gather = None
         self.columns: slice | None = None
+        # False: torch's own GEMM, as the quantization pipeline's float forward (msModelSlim's) computes
+        self.batch_invariant = True
 
     @property
     def out_features(self) -> int:
@@ -71,6 +82,8 @@ class FloatLinear(nn.Module):
             x = self.gather(x)
         if torch.compiler.is_compiling():
             y = torch.ops.pdmix.linear(x, self.weight, self.bias)
+        elif self.batch_invariant:
+            y = float_gemm(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
         return y if self.columns is None else y[..., self.columns].contiguous()
@@ -148,7 +161,9 @@ def fuse_linears(mods: list[nn.Module], name: str) -> nn.Module | None:
     if all(type(m) is FloatLinear for m in mods):
         biases = [m.bias if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in mods]
         has_bias = any(m.bias is not None for m in mods)
-        return FloatLinear(torch.cat([m.weight for m in mods]), torch.cat(biases) if has_bias else None)
+        fused = FloatLinear(torch.cat([m.weight for m in mods]), torch.cat(biases) if has_bias else None)
+        fused.batch_invariant = mods[0].batch_invariant
+        return fused
     kind = type(mods[0])
     if kind not in (W8A8MixLinear, W8A8DynamicLinear) or not all(type(m) is kind and m.kernel is None for m in mods):
         return None

@@ -11,7 +11,7 @@ from torch import nn
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import DecoderLayer, RMSNorm, Rotary
 from pdmix.models.lm_head import Int8Head
-from pdmix.models.linear import RowSplit
+from pdmix.models.linear import RowSplit, float_gemm
 
 
 def run_layers(layers, norm, x, cos, sin, attn, split):
@@ -55,7 +55,8 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of some rows, computed in the model dtype as Hugging Face does (or by the int8 lm_head)."""
+        """fp32 logits of some rows, computed in the model dtype as Hugging Face does (bf16 on CPU in
+        C, the same for a row alone or in any batch: linear.float_gemm), or by the int8 lm_head."""
         if self.head_int8 is not None:
             return self.head_int8(hidden)
-        return F.linear(hidden, self.lm_head).float()
+        return float_gemm(hidden, self.lm_head, None).float()

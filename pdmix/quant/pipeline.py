@@ -92,6 +92,9 @@ def build_layer(cfg: ModelConfig, i: int, t: dict[str, torch.Tensor], quantized:
                                      backend="reference")
         return FloatLinear(t[p + ".weight"], t.get(p + ".bias"))
     layer = decoder_layer(cfg, i, make, t.__getitem__, layer_norms(cfg, i, t.__getitem__, t.__contains__))
+    for m in layer.modules():  # float layers as msModelSlim's forward computes them (torch's GEMM)
+        if isinstance(m, FloatLinear):
+            m.batch_invariant = False
     return layer.to(device) if device is not None else layer
 
 

@@ -7,7 +7,8 @@ cache), alternating with `torch.sum` over the same number of bytes (the read ban
   python benchmarks/gemv_bandwidth.py --threads 1
 
 Weights: SmolLM2-135M's decoder (30 layers of q/k/v 960x576, o 576x576, gate/up 3072x576, down
-576x1536; about 106 MB int8) and its 49152x576 lm_head (int8 Q8_0 and bf16), or --layers of them.
+576x1536; about 106 MB int8) and its 49152x576 lm_head (int8 Q8_0; bf16 in pdmix's C GEMM, which the
+runtime uses, and in torch), or --layers of them.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from pdmix.kernels import s8gemm
+from pdmix.kernels import cpu_float, s8gemm
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
@@ -51,12 +52,13 @@ def main():
                               sum(w.numel() for w in weights)),
         "q8_0_lm_head": (lambda: [s8gemm.q8_0_gemm(h8, h8_scales, w, head_scales) for w in head8],
                          heads * (head8[0].numel() + head_scales.numel() * 4)),
+        "bf16_lm_head_c": (lambda: [cpu_float.linear(h16, w) for w in head16], heads * head16[0].numel() * 2),
         "bf16_lm_head_torch": (lambda: [torch.nn.functional.linear(h16, w) for w in head16],
                                heads * head16[0].numel() * 2),
     }
     result = {"command": "python benchmarks/gemv_bandwidth.py --threads %d --layers %d --rounds %d"
               % (args.threads, args.layers, args.rounds), "time": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": platform.processor() or platform.machine(), "isa": s8gemm.isa(), "threads": args.threads,
+              "machine": platform.processor() or platform.machine(), "isa": s8gemm.isa(), "float_isa": cpu_float.isa(), "threads": args.threads,
               "kernels": {}}
     for name, (fn, nbytes) in kernels.items():
         plain = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()

@@ -153,3 +153,30 @@ def test_c_float_linear_every_path_is_row_invariant_and_close_to_float64(tmp_pat
     assert torch.equal(threaded, alone)
     exact = (x.double() @ w.double().T + b.double()).bfloat16().double()
     assert ((alone.double() - exact).abs() <= 2 ** -7 * exact.abs() + 1e-3).all()  # within one bf16 ulp
+
+
+@pytest.mark.parametrize("cap", ["plain", None])
+def test_c_attention_softmax_is_accurate_over_the_whole_exp_range(tmp_path, cap):
+    """The C attention's own exp (one polynomial in its plain and AVX2 forms, so that both give the
+    same bits) against float64: scores from -80 to 0 (one key dimension carries the score), values that
+    weigh each token by its position; the softmax-weighted mean position within fp32 rounding."""
+    if cpu_attention.library()[0] is None:
+        pytest.skip("no C compiler")
+    n, d, block = 4096 + 5, 64, 16
+    blocks = -(-n // block)
+    s = torch.linspace(-80, 0, n)
+    kc, vc = torch.zeros(blocks, 1, d, block), torch.zeros(blocks, 1, block, d)
+    padded = lambda t: torch.cat([t, torch.zeros(blocks * block - n)]).view(blocks, block)
+    kc[:, 0, 0, :], vc[:, 0, :, 1] = padded(s), padded(torch.arange(n, dtype=torch.float32))
+    vc[:, 0, :, 2] = 1.0
+    q = torch.zeros(1, 1, d)
+    q[0, 0, 0] = 1.0
+    torch.save((q, kc, vc, torch.arange(blocks).view(1, -1), torch.tensor([n])), tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import cpu_attention; a = torch.load(sys.argv[1]); "
+            "torch.save(cpu_attention.decode(*a, 1.0), sys.argv[2])")
+    env = {**os.environ, "PDMIX_S8GEMM_ISA": cap} if cap else os.environ
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True, env=env)
+    out = torch.load(tmp_path / "out.pt")[0, 0]
+    e = torch.exp(s.double())
+    assert abs(out[1].item() - (e * torch.arange(n).double()).sum().item() / e.sum().item()) < 1e-5 * n
+    assert abs(out[2].item() - 1.0) < 1e-6  # the weights sum to one

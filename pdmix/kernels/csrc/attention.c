@@ -54,48 +54,207 @@ static void weighted_values_plain(const float *e, int64_t G, int64_t D, const fl
 }
 
 #ifdef PDMIX_X86
+/* The AVX2 forms: each lane does the plain loops' multiplications and additions in their order (a
+   lane is a token of the scores, or a dimension of the output), so both give the same bits. The
+   lanes of several tokens, heads and dimensions run side by side only to keep more independent sums
+   in flight: each sum is a chain of dependent additions, and one chain at a time is latency-bound. */
 #define LANES 8
-__attribute__((target("avx2"))) static void block_scores_avx2(const float *q, int64_t G, int64_t D, const float *k,
-                                                                int64_t block, int64_t n, float *s, int64_t stride) {
-    int64_t t = 0;
-    for (; t + LANES <= n; t += LANES)
-        for (int64_t j0 = 0; j0 < G; j0 += 4) { /* up to 4 heads share each loaded key vector */
-            int64_t gj = G - j0 < 4 ? G - j0 : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t d = 0; d < D; d++) {
-                __m256 kd = _mm256_loadu_ps(k + d * block + t);
-                for (int64_t j = 0; j < gj; j++)
-                    acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_set1_ps(q[(j0 + j) * D + d]), kd));
-            }
-            for (int64_t j = 0; j < gj; j++) _mm256_storeu_ps(s + (j0 + j) * stride + t, acc[j]);
+#define AVX2 __attribute__((target("avx2")))
+#define MADD8(acc, a, b) acc = _mm256_add_ps(acc, _mm256_mul_ps(a, b))
+
+/* up to 2 groups of 8 tokens (T) x up to 4 heads (J), constants after inlining */
+AVX2 static inline __attribute__((always_inline)) void scores_tile(const float *q, int J, int64_t D, const float *k,
+                                                                    int64_t block, int T, float *s, int64_t stride) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (int64_t d = 0; d < D; d++) {
+        __m256 k0 = _mm256_loadu_ps(k + d * block), k1 = T > 1 ? _mm256_loadu_ps(k + d * block + LANES) : k0;
+#define HEAD(j)                                                                                            \
+        if (J > j) {                                                                                       \
+            __m256 qd = _mm256_set1_ps(q[j * D + d]);                                                      \
+            MADD8(a0##j, qd, k0);                                                                          \
+            if (T > 1) MADD8(a1##j, qd, k1);                                                               \
         }
+        HEAD(0) HEAD(1) HEAD(2) HEAD(3)
+#undef HEAD
+    }
+#define STORE(j)                                                                                           \
+    if (J > j) {                                                                                           \
+        _mm256_storeu_ps(s + j * stride, a0##j);                                                           \
+        if (T > 1) _mm256_storeu_ps(s + j * stride + LANES, a1##j);                                        \
+    }
+    STORE(0) STORE(1) STORE(2) STORE(3)
+#undef STORE
+}
+
+AVX2 static void block_scores_avx2(const float *q, int64_t G, int64_t D, const float *k, int64_t block, int64_t n,
+                                   float *s, int64_t stride) {
+    int64_t t = 0;
+    for (; t + LANES <= n; t += 2 * LANES) {
+        int two = t + 2 * LANES <= n;
+        for (int64_t j0 = 0; j0 < G; j0 += 4) {
+            int64_t gj = G - j0 < 4 ? G - j0 : 4;
+            const float *qj = q + j0 * D;
+            float *sj = s + j0 * stride + t;
+            if (two) {
+                if (gj == 4) scores_tile(qj, 4, D, k + t, block, 2, sj, stride);
+                else if (gj == 3) scores_tile(qj, 3, D, k + t, block, 2, sj, stride);
+                else if (gj == 2) scores_tile(qj, 2, D, k + t, block, 2, sj, stride);
+                else scores_tile(qj, 1, D, k + t, block, 2, sj, stride);
+            } else {
+                if (gj == 4) scores_tile(qj, 4, D, k + t, block, 1, sj, stride);
+                else if (gj == 3) scores_tile(qj, 3, D, k + t, block, 1, sj, stride);
+                else if (gj == 2) scores_tile(qj, 2, D, k + t, block, 1, sj, stride);
+                else scores_tile(qj, 1, D, k + t, block, 1, sj, stride);
+            }
+        }
+        if (!two) t -= LANES; /* one group of 8 done: the loop's step assumed two */
+    }
     if (t < n) block_scores_plain(q, G, D, k + t, block, n - t, s + t, stride);
 }
 
-__attribute__((target("avx2"))) static void weighted_values_avx2(const float *e, int64_t G, int64_t D, const float *vc,
-                                                                   int64_t KV, int64_t g, int64_t block,
-                                                                   const int64_t *table, int64_t len, int64_t stride,
-                                                                   float *o) {
-    int64_t d0 = 0;
-    for (; d0 + LANES <= D; d0 += LANES)
-        for (int64_t j0 = 0; j0 < G; j0 += 4) { /* up to 4 heads share each loaded value vector */
-            int64_t gj = G - j0 < 4 ? G - j0 : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t b = 0; b * block < len; b++) {
-                const float *v = vc + (table[b] * KV + g) * block * D + d0; /* [block, D] */
-                int64_t n = len - b * block < block ? len - b * block : block;
-                const float *eb = e + j0 * stride + b * block;
-                for (int64_t u = 0; u < n; u++) {
-                    __m256 vt = _mm256_loadu_ps(v + u * D);
-                    for (int64_t j = 0; j < gj; j++)
-                        acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_set1_ps(eb[j * stride + u]), vt));
-                }
-            }
-            for (int64_t j = 0; j < gj; j++) _mm256_storeu_ps(o + (j0 + j) * D + d0, acc[j]);
+/* o[j][d] for dimensions [d0, d0 + 8 * W) of one head j, W (1-8) groups of 8 lanes at once */
+AVX2 static inline __attribute__((always_inline)) void values_tile(const float *e, int64_t D, const float *vc,
+                                                                    int64_t KV, int64_t g, int64_t block,
+                                                                    const int64_t *table, int64_t len, int64_t d0,
+                                                                    int W, float *o) {
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    for (int64_t b = 0; b * block < len; b++) {
+        const float *v = vc + (table[b] * KV + g) * block * D + d0; /* [block, D] */
+        int64_t n = len - b * block < block ? len - b * block : block;
+        const float *eb = e + b * block;
+        for (int64_t u = 0; u < n; u++) {
+            __m256 et = _mm256_set1_ps(eb[u]);
+            const float *vu = v + u * D;
+#define DIM(w) if (W > w) MADD8(c##w, et, _mm256_loadu_ps(vu + w * LANES));
+            DIM(0) DIM(1) DIM(2) DIM(3) DIM(4) DIM(5) DIM(6) DIM(7)
+#undef DIM
         }
-    weighted_values_plain(e, G, D, vc, KV, g, block, table, len, stride, d0, o); /* dimensions past the last 8 */
+    }
+#define OUT(w) if (W > w) _mm256_storeu_ps(o + d0 + w * LANES, c##w);
+    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5) OUT(6) OUT(7)
+#undef OUT
+}
+
+AVX2 static void weighted_values_avx2(const float *e, int64_t G, int64_t D, const float *vc, int64_t KV, int64_t g,
+                                      int64_t block, const int64_t *table, int64_t len, int64_t stride, float *o) {
+    int64_t groups = D / LANES;
+    for (int64_t j = 0; j < G; j++)
+        for (int64_t d0 = 0, left = groups; left > 0; d0 += 8 * LANES, left -= 8) {
+            const float *ej = e + j * stride;
+            float *oj = o + j * D;
+            switch (left < 8 ? left : 8) {
+            case 8: values_tile(ej, D, vc, KV, g, block, table, len, d0, 8, oj); break;
+            case 7: values_tile(ej, D, vc, KV, g, block, table, len, d0, 7, oj); break;
+            case 6: values_tile(ej, D, vc, KV, g, block, table, len, d0, 6, oj); break;
+            case 5: values_tile(ej, D, vc, KV, g, block, table, len, d0, 5, oj); break;
+            case 4: values_tile(ej, D, vc, KV, g, block, table, len, d0, 4, oj); break;
+            case 3: values_tile(ej, D, vc, KV, g, block, table, len, d0, 3, oj); break;
+            case 2: values_tile(ej, D, vc, KV, g, block, table, len, d0, 2, oj); break;
+            default: values_tile(ej, D, vc, KV, g, block, table, len, d0, 1, oj); break;
+            }
+        }
+    weighted_values_plain(e, G, D, vc, KV, g, block, table, len, stride, groups * LANES, o); /* the last dimensions */
 }
 #endif
+
+/* ---- Softmax numerators e_t = exp(s_t * scale - max) in place, and their sum. The plain and AVX2
+   forms do the same operations on each element (no fused multiply-add: the library is built with
+   -ffp-contract=off), so they give the same bits: exp is Cephes' expf polynomial written out (glibc's
+   expf is scalar and was a third of a layer's time), and the sum runs in 8 lanes, token t into lane
+   t % 8 in token order, the lanes then added pairwise. */
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define EXP_MIN -87.0f /* below, 0 (expf is subnormal there, and the sum is at least 1) */
+static const float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+/* exp(x) for x <= 0 */
+static inline float exp_nonpositive(float x) {
+    if (x != x) return x;
+    if (x < EXP_MIN) return 0.0f;
+    float n = nearbyintf(x * LOG2E), r = x - n * LN2_HI, p = EXP_POLY[0];
+    r = r - n * LN2_LO;
+    for (int i = 1; i < 6; i++) p = p * r + EXP_POLY[i];
+    p = p * (r * r) + r + 1.0f;
+    union { uint32_t u; float f; } two = {(uint32_t)((int32_t)n + 127) << 23};
+    return p * two.f;
+}
+
+static inline float lanes_sum(const float *part) {
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+static float softmax_plain(float *s, int64_t len, float scale) {
+    float top = -INFINITY, part[8] = {0};
+    for (int64_t t = 0; t < len; t++) {
+        s[t] *= scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    for (int64_t t = 0; t < len; t++) {
+        s[t] = exp_nonpositive(s[t] - top);
+        part[t % 8] += s[t];
+    }
+    return lanes_sum(part);
+}
+
+#ifdef PDMIX_X86
+__attribute__((target("avx2"))) static float softmax_avx2(float *s, int64_t len, float scale) {
+    __m256 sc = _mm256_set1_ps(scale), top8 = _mm256_set1_ps(-INFINITY);
+    int64_t full = len / 8 * 8;
+    for (int64_t t = 0; t < full; t += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), sc);
+        _mm256_storeu_ps(s + t, v);
+        top8 = _mm256_max_ps(v, top8); /* v > top ? v : top, lane by lane, as the plain loop */
+    }
+    float lanes[8], top = -INFINITY, part[8];
+    _mm256_storeu_ps(lanes, top8);
+    for (int l = 0; l < 8; l++) top = lanes[l] > top ? lanes[l] : top;
+    for (int64_t t = full; t < len; t++) {
+        s[t] *= scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    __m256 m = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps(), l2e = _mm256_set1_ps(LOG2E);
+    for (int64_t t = 0; t < full; t += 8) {
+        __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + t), m);
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(x, l2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))), p = _mm256_set1_ps(EXP_POLY[0]);
+        r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
+        for (int i = 1; i < 6; i++) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_POLY[i]));
+        p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0f));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+        y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_LT_OQ));
+        y = _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        _mm256_storeu_ps(s + t, y);
+        sum8 = _mm256_add_ps(sum8, y);
+    }
+    _mm256_storeu_ps(part, sum8);
+    for (int64_t t = full; t < len; t++) {
+        s[t] = exp_nonpositive(s[t] - top);
+        part[t % 8] += s[t];
+    }
+    return lanes_sum(part);
+}
+#endif
+
+static float softmax_numerators(float *s, int64_t len, float scale, int fast) {
+#ifdef PDMIX_X86
+    if (fast) return softmax_avx2(s, len, scale);
+#endif
+    (void)fast;
+    return softmax_plain(s, len, scale);
+}
+
+/* A kv head's keys (or values) of one block are D * block floats (4 KB for D 64, block 16) far from
+   the next block's, each about a page, where the hardware prefetcher stops: 4 GB/s from memory here.
+   The keys and values of the block AHEAD_BLOCKS ahead are fetched by hand into L2 (into L1 the
+   prefetches queue behind its few outstanding misses): 12-14 GB/s, the values found in L2 when
+   their pass comes. */
+#define AHEAD_BLOCKS 4
+static void prefetch(const float *p, int64_t floats) {
+    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
+}
 
 /* One (sequence, kv head): its G query heads q [G, D] against the kv head's len tokens -> o [G, D].
    scores: G * stride floats, stride >= len. */
@@ -109,6 +268,10 @@ static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t
     for (int64_t b = 0; b * block < len; b++) {
         const float *k = kc + (table[b] * KV + g) * D * block; /* [D, block] */
         int64_t n = len - b * block < block ? len - b * block : block;
+        for (int64_t a = b ? b + AHEAD_BLOCKS : 0; a <= b + AHEAD_BLOCKS && a * block < len; a++) {
+            prefetch(kc + (table[a] * KV + g) * D * block, D * block);
+            prefetch(vc + (table[a] * KV + g) * D * block, D * block); /* in cache for the values pass */
+        }
 #ifdef PDMIX_X86
         if (fast) {
             block_scores_avx2(q, G, D, k, block, n, scores + b * block, stride);
@@ -118,18 +281,7 @@ static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t
         block_scores_plain(q, G, D, k, block, n, scores + b * block, stride);
     }
     float *den = o + G * D; /* G floats after o */
-    for (int64_t j = 0; j < G; j++) {
-        float *s = scores + j * stride, top = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            s[t] *= scale;
-            if (s[t] > top) top = s[t];
-        }
-        for (int64_t t = 0; t < len; t++) {
-            s[t] = expf(s[t] - top);
-            sum += s[t];
-        }
-        den[j] = sum;
-    }
+    for (int64_t j = 0; j < G; j++) den[j] = softmax_numerators(scores + j * stride, len, scale, fast);
 #ifdef PDMIX_X86
     if (fast) weighted_values_avx2(scores, G, D, vc, KV, g, block, table, len, stride, o);
     else

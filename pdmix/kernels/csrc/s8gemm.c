@@ -311,9 +311,16 @@ VNNI static void tile_4x4_vnni(const uint8_t *u, const int8_t *w, int64_t j, int
                                int64_t n, const int8_t *ahead) {
     __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
     __m512i c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
-    for (int64_t p = 0; p < k; p += 64) {
+    int64_t p = 0;
+    for (; p + 64 <= k; p += 64) { /* whole chunks: plain loads */
         if (ahead)
             for (int q = 0; q < 4; q++) _mm_prefetch((const char *)(ahead + q * k + p), _MM_HINT_T0);
+        __mmask64 m = ~(__mmask64)0;
+        __m512i a0 = _mm512_loadu_si512(u + p), a1 = _mm512_loadu_si512(u + k + p);
+        __m512i a2 = _mm512_loadu_si512(u + 2 * k + p), a3 = _mm512_loadu_si512(u + 3 * k + p);
+        COL(0) COL(1) COL(2) COL(3)
+    }
+    if (p < k) { /* the last, partial chunk */
         __mmask64 m = tail_mask(k - p);
         __m512i a0 = _mm512_maskz_loadu_epi8(m, u + p), a1 = _mm512_maskz_loadu_epi8(m, u + k + p);
         __m512i a2 = _mm512_maskz_loadu_epi8(m, u + 2 * k + p), a3 = _mm512_maskz_loadu_epi8(m, u + 3 * k + p);

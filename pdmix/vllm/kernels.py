@@ -122,8 +122,8 @@ class CPUKernel(_Kernel):
 
 
 class CPUInt8Kernel(_Kernel):
-    """x86 CPUs without VNNI/AMX (where CPUKernel must run every row twice), through pdmix's own C
-    linear (`pdmix/kernels/s8gemm.py`, the engine's cpu_int8 backend): quantization, an exact int8
+    """x86 CPUs (wherever the engine's cpu_int8 backend comes first: AVX2 or AVX-512 VNNI), through
+    pdmix's own C linear (`pdmix/kernels/s8gemm.py`, the engine's cpu_int8 backend): quantization, an exact int8
     GEMM on the checkpoint's int8 weight as it is (no prepacked copy) and the epilogue in one call
     per path, writing the model dtype straight into the output rows. The arithmetic is SPEC §5's as
     written (division by the scales, no reciprocal), bit for bit pdmix's reference backend."""

@@ -6,8 +6,9 @@
 
    The AVX2 path widens both operands to int16 and multiplies with vpmaddwd (pairs of int16
    products summed into int32: exact for any int8 codes, unlike vpmaddubsw's saturating int16
-   sums). It is compiled for AVX2 by function attribute and chosen at run time, so one build runs on
-   any x86-64 CPU; others run the plain C loop. */
+   sums). The AVX-512 VNNI path multiplies unsigned codes x + 128 with vpdpbusd and takes the
+   excess off (see its section). Both are compiled by function attribute and chosen at run time, so
+   one build runs on any x86-64 CPU; others run the plain C loop. */
 
 #include <stdint.h>
 #include <stdlib.h>

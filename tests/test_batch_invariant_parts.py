@@ -13,7 +13,7 @@ import torch
 from pdmix.kernels import cpu_attention, cpu_float
 from pdmix.models.linear import FloatLinear
 from pdmix.runtime.attention import SeqRows, decode_attention, decode_group
-from pdmix.runtime.kv_cache import KVCache, Slots, token_slots
+from pdmix.runtime.kv_cache import KVCache, Slots, cache_dtype, token_slots
 
 
 def softmax_attention(q, k, v):
@@ -180,3 +180,39 @@ def test_c_attention_softmax_is_accurate_over_the_whole_exp_range(tmp_path, cap)
     e = torch.exp(s.double())
     assert abs(out[1].item() - (e * torch.arange(n).double()).sum().item() / e.sum().item()) < 1e-5 * n
     assert abs(out[2].item() - 1.0) < 1e-6  # the weights sum to one
+
+
+@pytest.mark.parametrize("cap", ["plain", None])
+def test_c_attention_on_a_bf16_cache_gives_the_fp32_cache_bits(tmp_path, cap):
+    """bf16 models keep a bf16 cache (kv_cache.cache_dtype): their k/v are bf16 already, so it holds
+    the same values as an fp32 cache, and decode attention must give the same bits from either. The C
+    cache write rounds fp32 rows to bf16 as torch does. On this CPU's path and the portable one."""
+    if cpu_attention.library()[0] is None:
+        pytest.skip("no C compiler")
+    assert cache_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    assert cache_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    block, kv, d = 16, 2, 64
+    g = torch.Generator().manual_seed(3)
+    caches = {dt: KVCache(1, 40, block, kv, d, dt, torch.device("cpu")) for dt in (torch.float32, torch.bfloat16)}
+    rows = torch.randn(300, 2, kv, d, generator=g)
+    slots = Slots.of(torch.randperm(40 * block, generator=g)[:300], block)
+    for cache in caches.values():
+        cache.write(0, slots, rows[:, 0].bfloat16(), rows[:, 1].bfloat16())
+    assert torch.equal(caches[torch.bfloat16].k[0].float(), caches[torch.float32].k[0])
+    assert torch.equal(caches[torch.bfloat16].v[0].float(), caches[torch.float32].v[0])
+    rounded = KVCache(1, 40, block, kv, d, torch.bfloat16, torch.device("cpu"))
+    rounded.write(0, slots, rows[:, 0], rows[:, 1])  # fp32 rows into the bf16 cache
+    assert torch.equal(rounded.k[0], caches[torch.bfloat16].k[0])
+
+    tables = torch.randperm(40, generator=g)[:20].view(2, 10)
+    lengths = torch.tensor([160, 77])
+    q = torch.randn(2, 6, d, generator=g).bfloat16()
+    args = {dt: (q, c.k[0], c.v[0], tables, lengths, d ** -0.5) for dt, c in caches.items()}
+    torch.save(args, tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import cpu_attention; a = torch.load(sys.argv[1]); "
+            "torch.save({dt: cpu_attention.decode(*x) for dt, x in a.items()}, sys.argv[2])")
+    env = {**os.environ, "PDMIX_S8GEMM_ISA": cap} if cap else os.environ
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True, env=env)
+    out = torch.load(tmp_path / "out.pt")
+    assert torch.equal(out[torch.bfloat16], out[torch.float32])
+    assert out[torch.float32].abs().sum() > 0

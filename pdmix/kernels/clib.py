@@ -29,10 +29,10 @@ SIGNATURES = {  # name: (argument types, result type)
     "pdmix_q8_0_gemm": ([_p, _p, _i64, _p, _p, _i64, _i64, _p, _int], _int),
     "pdmix_s8gemm_isa": ([], _int),
     "pdmix_w8a8_linear": ([_p, _int, _i64, _p, _i64, _p, _i64, _i64, _f32, _f32, _p, _p, _p, _p, _p, _int, _int], _int),
-    "pdmix_decode_attention": ([_p, _int, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _p, _f32, _p, _int], _int),
+    "pdmix_decode_attention": ([_p, _int, _i64, _i64, _i64, _i64, _p, _p, _int, _i64, _p, _i64, _p, _f32, _p, _int], _int),
     "pdmix_bf16_linear": ([_p, _i64, _p, _i64, _i64, _p, _p, _int], None),
     "pdmix_bf16gemm_isa": ([], _int),
-    "pdmix_kv_write": ([_p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _i64], None),
+    "pdmix_kv_write": ([_p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _int, _i64], None),
 }
 
 

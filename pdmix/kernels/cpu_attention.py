@@ -9,24 +9,26 @@ import torch
 
 from pdmix.kernels.clib import library
 
-IO_DTYPES = (torch.bfloat16, torch.float32)
+IO_DTYPES = (torch.bfloat16, torch.float32)  # of q, k, v and the output, and of the cache
 
 
 def usable(x: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in IO_DTYPES and cache_k.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype in IO_DTYPES and cache_k.dtype in IO_DTYPES
             and library()[0] is not None)
 
 
 def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
            lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]: each row attends to the first lengths[b] tokens of its blocks
-    (block_tables int64 [B, nb]); cache_k [blocks, KV, D, block], cache_v [blocks, KV, block, D]."""
+    (block_tables int64 [B, nb]); cache_k [blocks, KV, D, block], cache_v [blocks, KV, block, D], both
+    fp32 or both bf16 (read as fp32)."""
     q = q.contiguous()
     b, h, d = q.shape
     _, kv, _, block = cache_k.shape
     out = torch.empty_like(q)
     if b and library()[0].pdmix_decode_attention(
-            q.data_ptr(), q.dtype == torch.bfloat16, b, h, kv, d, cache_k.data_ptr(), cache_v.data_ptr(), block,
+            q.data_ptr(), q.dtype == torch.bfloat16, b, h, kv, d, cache_k.data_ptr(), cache_v.data_ptr(),
+            cache_k.dtype == torch.bfloat16, block,
             block_tables.data_ptr(), block_tables.shape[1], lengths.data_ptr(), scale, out.data_ptr(),
             torch.get_num_threads()):
         raise MemoryError("decode attention: no memory for its scratch rows")
@@ -47,4 +49,5 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache_k: tor
     (k, k_row), (v, v_row) = rows(k), rows(v.to(k.dtype))
     t, kv, d = k.shape
     library()[0].pdmix_kv_write(k.data_ptr(), v.data_ptr(), k.dtype == torch.bfloat16, k_row, v_row, t, kv, d,
-                                slots.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[-1])
+                                slots.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(),
+                                cache_k.dtype == torch.bfloat16, cache_k.shape[-1])

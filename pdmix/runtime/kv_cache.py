@@ -27,10 +27,14 @@ class BlockAllocator:
 
 
 def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """fp32 on CPU, where attention computes in fp32: the model's bf16/fp16 k/v are exact in it and
-    each step then reads the cache with no conversion (a per-layer copy that cost more than the math).
-    The model dtype elsewhere."""
-    return torch.float32 if torch.device(device).type == "cpu" else model_dtype
+    """On CPU, bf16 for bf16 models where pdmix's C attention reads the cache (kernels/cpu_attention.py:
+    each value widened to fp32 as it is read, the math in fp32): the model's k/v are bf16 already, so
+    the outputs are the fp32 cache's bit for bit, with half the bytes to store and to read per decode
+    step. Otherwise fp32 on CPU, where the torch form computes in fp32 and would convert a bf16 cache
+    with a per-layer copy that cost more than the math. The model dtype elsewhere."""
+    if torch.device(device).type != "cpu":
+        return model_dtype
+    return torch.bfloat16 if model_dtype == torch.bfloat16 and cpu_attention.library()[0] is not None else torch.float32
 
 
 class KVCache:

@@ -1,6 +1,6 @@
 /* Paged attention for decode rows, and the KV cache write, for pdmix/runtime/attention.py on CPUs.
 
-   The cache (pdmix/runtime/kv_cache.py), fp32, per layer: keys [num_blocks, KV, D, block] (each
+   The cache (pdmix/runtime/kv_cache.py), fp32 or bf16, per layer: keys [num_blocks, KV, D, block] (each
    block's keys transposed), values [num_blocks, KV, block, D]; slot = block * block_size + offset.
 
    Decode: one query row per sequence, q [B, H, D] (bf16 or fp32), H = KV * G (grouped-query heads:
@@ -23,31 +23,42 @@
 
 int pdmix_s8gemm_isa(void); /* s8gemm.c: 2 where the AVX2 paths run */
 
+/* The cache holds fp32, or bf16 (bf16 models: their keys and values are bf16 already, so storing them
+   so is exact and halves what a decode step reads); every value is read as fp32, and the math is the
+   same for both. */
+static inline float kv_at(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline const void *kv_ptr(const void *p, int bf16, int64_t i) {
+    return (const char *)p + i * (bf16 ? 2 : 4);
+}
+
 /* Scores of the group's G query heads q [G, D] against one block's keys k [D, block] (n tokens):
    s[j * stride + t] = sum_d q[j][d] * k[d][t], summed over d in order (the AVX2 form does the same
    multiplications and additions, 8 tokens a lane each, so both give the same bits). */
-static void block_scores_plain(const float *q, int64_t G, int64_t D, const float *k, int64_t block, int64_t n,
-                               float *s, int64_t stride) {
+static void block_scores_plain(const float *q, int64_t G, int64_t D, const void *k, int bf16, int64_t block,
+                               int64_t n, float *s, int64_t stride) {
     for (int64_t j = 0; j < G; j++)
         for (int64_t t = 0; t < n; t++) {
             float acc = 0.0f;
-            for (int64_t d = 0; d < D; d++) acc += q[j * D + d] * k[d * block + t];
+            for (int64_t d = 0; d < D; d++) acc += q[j * D + d] * kv_at(k, bf16, d * block + t);
             s[j * stride + t] = acc;
         }
 }
 
 /* o[j][d] = sum_t e[j * stride + t] * v[t][d] for d in [d0, D), over the tokens of the group's
    blocks in token order */
-static void weighted_values_plain(const float *e, int64_t G, int64_t D, const float *vc, int64_t KV, int64_t g,
-                                  int64_t block, const int64_t *table, int64_t len, int64_t stride, int64_t d0,
-                                  float *o) {
+static void weighted_values_plain(const float *e, int64_t G, int64_t D, const void *vc, int bf16, int64_t KV,
+                                  int64_t g, int64_t block, const int64_t *table, int64_t len, int64_t stride,
+                                  int64_t d0, float *o) {
     for (int64_t j = 0; j < G; j++)
         for (int64_t d = d0; d < D; d++) {
             float acc = 0.0f;
             for (int64_t b = 0; b * block < len; b++) {
-                const float *v = vc + (table[b] * KV + g) * block * D + d; /* [block, D] */
+                int64_t v = (table[b] * KV + g) * block * D + d; /* [block, D] */
                 int64_t n = len - b * block < block ? len - b * block : block;
-                for (int64_t u = 0; u < n; u++) acc += e[j * stride + b * block + u] * v[u * D];
+                for (int64_t u = 0; u < n; u++) acc += e[j * stride + b * block + u] * kv_at(vc, bf16, v + u * D);
             }
             o[j * D + d] = acc;
         }
@@ -62,12 +73,20 @@ static void weighted_values_plain(const float *e, int64_t G, int64_t D, const fl
 #define AVX2 __attribute__((target("avx2")))
 #define MADD8(acc, a, b) acc = _mm256_add_ps(acc, _mm256_mul_ps(a, b))
 
+/* 8 cache values from element i on, as fp32 (bf16: its bits are the upper half of the fp32's) */
+AVX2 static inline __m256 load8(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 /* up to 2 groups of 8 tokens (T) x up to 4 heads (J), constants after inlining */
-AVX2 static inline __attribute__((always_inline)) void scores_tile(const float *q, int J, int64_t D, const float *k,
-                                                                    int64_t block, int T, float *s, int64_t stride) {
+AVX2 static inline __attribute__((always_inline)) void scores_tile(const float *q, int J, int64_t D, const void *k,
+                                                                    int BF, int64_t block, int T, float *s,
+                                                                    int64_t stride) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     for (int64_t d = 0; d < D; d++) {
-        __m256 k0 = _mm256_loadu_ps(k + d * block), k1 = T > 1 ? _mm256_loadu_ps(k + d * block + LANES) : k0;
+        __m256 k0 = load8(k, BF, d * block), k1 = T > 1 ? load8(k, BF, d * block + LANES) : k0;
 #define HEAD(j)                                                                                            \
         if (J > j) {                                                                                       \
             __m256 qd = _mm256_set1_ps(q[j * D + d]);                                                      \
@@ -86,46 +105,58 @@ AVX2 static inline __attribute__((always_inline)) void scores_tile(const float *
 #undef STORE
 }
 
-AVX2 static void block_scores_avx2(const float *q, int64_t G, int64_t D, const float *k, int64_t block, int64_t n,
-                                   float *s, int64_t stride) {
+AVX2 static inline __attribute__((always_inline)) void block_scores_avx2(const float *q, int64_t G, int64_t D,
+                                                                          const void *k, int BF, int64_t block,
+                                                                          int64_t n, float *s, int64_t stride) {
     int64_t t = 0;
     for (; t + LANES <= n; t += 2 * LANES) {
         int two = t + 2 * LANES <= n;
+        const void *kt = kv_ptr(k, BF, t);
         for (int64_t j0 = 0; j0 < G; j0 += 4) {
             int64_t gj = G - j0 < 4 ? G - j0 : 4;
             const float *qj = q + j0 * D;
             float *sj = s + j0 * stride + t;
             if (two) {
-                if (gj == 4) scores_tile(qj, 4, D, k + t, block, 2, sj, stride);
-                else if (gj == 3) scores_tile(qj, 3, D, k + t, block, 2, sj, stride);
-                else if (gj == 2) scores_tile(qj, 2, D, k + t, block, 2, sj, stride);
-                else scores_tile(qj, 1, D, k + t, block, 2, sj, stride);
+                if (gj == 4) scores_tile(qj, 4, D, kt, BF, block, 2, sj, stride);
+                else if (gj == 3) scores_tile(qj, 3, D, kt, BF, block, 2, sj, stride);
+                else if (gj == 2) scores_tile(qj, 2, D, kt, BF, block, 2, sj, stride);
+                else scores_tile(qj, 1, D, kt, BF, block, 2, sj, stride);
             } else {
-                if (gj == 4) scores_tile(qj, 4, D, k + t, block, 1, sj, stride);
-                else if (gj == 3) scores_tile(qj, 3, D, k + t, block, 1, sj, stride);
-                else if (gj == 2) scores_tile(qj, 2, D, k + t, block, 1, sj, stride);
-                else scores_tile(qj, 1, D, k + t, block, 1, sj, stride);
+                if (gj == 4) scores_tile(qj, 4, D, kt, BF, block, 1, sj, stride);
+                else if (gj == 3) scores_tile(qj, 3, D, kt, BF, block, 1, sj, stride);
+                else if (gj == 2) scores_tile(qj, 2, D, kt, BF, block, 1, sj, stride);
+                else scores_tile(qj, 1, D, kt, BF, block, 1, sj, stride);
             }
         }
         if (!two) t -= LANES; /* one group of 8 done: the loop's step assumed two */
     }
-    if (t < n) block_scores_plain(q, G, D, k + t, block, n - t, s + t, stride);
+    if (t < n) block_scores_plain(q, G, D, kv_ptr(k, BF, t), BF, block, n - t, s + t, stride);
+}
+
+AVX2 static void block_scores_f32(const float *q, int64_t G, int64_t D, const void *k, int64_t block, int64_t n,
+                                  float *s, int64_t stride) {
+    block_scores_avx2(q, G, D, k, 0, block, n, s, stride);
+}
+
+AVX2 static void block_scores_bf16(const float *q, int64_t G, int64_t D, const void *k, int64_t block, int64_t n,
+                                   float *s, int64_t stride) {
+    block_scores_avx2(q, G, D, k, 1, block, n, s, stride);
 }
 
 /* o[j][d] for dimensions [d0, d0 + 8 * W) of one head j, W (1-8) groups of 8 lanes at once */
-AVX2 static inline __attribute__((always_inline)) void values_tile(const float *e, int64_t D, const float *vc,
-                                                                    int64_t KV, int64_t g, int64_t block,
+AVX2 static inline __attribute__((always_inline)) void values_tile(const float *e, int64_t D, const void *vc,
+                                                                    int BF, int64_t KV, int64_t g, int64_t block,
                                                                     const int64_t *table, int64_t len, int64_t d0,
                                                                     int W, float *o) {
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
     for (int64_t b = 0; b * block < len; b++) {
-        const float *v = vc + (table[b] * KV + g) * block * D + d0; /* [block, D] */
+        int64_t v = (table[b] * KV + g) * block * D + d0; /* [block, D] */
         int64_t n = len - b * block < block ? len - b * block : block;
         const float *eb = e + b * block;
         for (int64_t u = 0; u < n; u++) {
             __m256 et = _mm256_set1_ps(eb[u]);
-            const float *vu = v + u * D;
-#define DIM(w) if (W > w) MADD8(c##w, et, _mm256_loadu_ps(vu + w * LANES));
+            int64_t vu = v + u * D;
+#define DIM(w) if (W > w) MADD8(c##w, et, load8(vc, BF, vu + w * LANES));
             DIM(0) DIM(1) DIM(2) DIM(3) DIM(4) DIM(5) DIM(6) DIM(7)
 #undef DIM
         }
@@ -135,25 +166,38 @@ AVX2 static inline __attribute__((always_inline)) void values_tile(const float *
 #undef OUT
 }
 
-AVX2 static void weighted_values_avx2(const float *e, int64_t G, int64_t D, const float *vc, int64_t KV, int64_t g,
-                                      int64_t block, const int64_t *table, int64_t len, int64_t stride, float *o) {
+AVX2 static inline __attribute__((always_inline)) void weighted_values_avx2(const float *e, int64_t G, int64_t D,
+                                                                             const void *vc, int BF, int64_t KV,
+                                                                             int64_t g, int64_t block,
+                                                                             const int64_t *table, int64_t len,
+                                                                             int64_t stride, float *o) {
     int64_t groups = D / LANES;
     for (int64_t j = 0; j < G; j++)
         for (int64_t d0 = 0, left = groups; left > 0; d0 += 8 * LANES, left -= 8) {
             const float *ej = e + j * stride;
             float *oj = o + j * D;
             switch (left < 8 ? left : 8) {
-            case 8: values_tile(ej, D, vc, KV, g, block, table, len, d0, 8, oj); break;
-            case 7: values_tile(ej, D, vc, KV, g, block, table, len, d0, 7, oj); break;
-            case 6: values_tile(ej, D, vc, KV, g, block, table, len, d0, 6, oj); break;
-            case 5: values_tile(ej, D, vc, KV, g, block, table, len, d0, 5, oj); break;
-            case 4: values_tile(ej, D, vc, KV, g, block, table, len, d0, 4, oj); break;
-            case 3: values_tile(ej, D, vc, KV, g, block, table, len, d0, 3, oj); break;
-            case 2: values_tile(ej, D, vc, KV, g, block, table, len, d0, 2, oj); break;
-            default: values_tile(ej, D, vc, KV, g, block, table, len, d0, 1, oj); break;
+            case 8: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 8, oj); break;
+            case 7: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 7, oj); break;
+            case 6: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 6, oj); break;
+            case 5: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 5, oj); break;
+            case 4: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 4, oj); break;
+            case 3: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 3, oj); break;
+            case 2: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 2, oj); break;
+            default: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 1, oj); break;
             }
         }
-    weighted_values_plain(e, G, D, vc, KV, g, block, table, len, stride, groups * LANES, o); /* the last dimensions */
+    weighted_values_plain(e, G, D, vc, BF, KV, g, block, table, len, stride, groups * LANES, o); /* the last dimensions */
+}
+
+AVX2 static void weighted_values_f32(const float *e, int64_t G, int64_t D, const void *vc, int64_t KV, int64_t g,
+                                     int64_t block, const int64_t *table, int64_t len, int64_t stride, float *o) {
+    weighted_values_avx2(e, G, D, vc, 0, KV, g, block, table, len, stride, o);
+}
+
+AVX2 static void weighted_values_bf16(const float *e, int64_t G, int64_t D, const void *vc, int64_t KV, int64_t g,
+                                      int64_t block, const int64_t *table, int64_t len, int64_t stride, float *o) {
+    weighted_values_avx2(e, G, D, vc, 1, KV, g, block, table, len, stride, o);
 }
 #endif
 
@@ -252,49 +296,51 @@ static float softmax_numerators(float *s, int64_t len, float scale, int fast) {
    prefetches queue behind its few outstanding misses): 12-14 GB/s, the values found in L2 when
    their pass comes. */
 #define AHEAD_BLOCKS 4
-static void prefetch(const float *p, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
+static void prefetch(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
 }
 
 /* One (sequence, kv head): its G query heads q [G, D] against the kv head's len tokens -> o [G, D].
    scores: G * stride floats, stride >= len. */
-static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t g, const float *kc,
-                       const float *vc, int64_t block, const int64_t *table, int64_t len, float scale,
+static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t g, const void *kc,
+                       const void *vc, int bf16, int64_t block, const int64_t *table, int64_t len, float scale,
                        float *scores, int64_t stride, float *o) {
     int fast = 0;
 #ifdef PDMIX_X86
     fast = pdmix_s8gemm_isa() >= 2;
 #endif
+    int64_t span = D * block; /* elements of one (block, kv head) */
     for (int64_t b = 0; b * block < len; b++) {
-        const float *k = kc + (table[b] * KV + g) * D * block; /* [D, block] */
+        const void *k = kv_ptr(kc, bf16, (table[b] * KV + g) * span); /* [D, block] */
         int64_t n = len - b * block < block ? len - b * block : block;
         for (int64_t a = b ? b + AHEAD_BLOCKS : 0; a <= b + AHEAD_BLOCKS && a * block < len; a++) {
-            prefetch(kc + (table[a] * KV + g) * D * block, D * block);
-            prefetch(vc + (table[a] * KV + g) * D * block, D * block); /* in cache for the values pass */
+            prefetch(kv_ptr(kc, bf16, (table[a] * KV + g) * span), span * (bf16 ? 2 : 4));
+            prefetch(kv_ptr(vc, bf16, (table[a] * KV + g) * span), span * (bf16 ? 2 : 4)); /* for the values pass */
         }
 #ifdef PDMIX_X86
         if (fast) {
-            block_scores_avx2(q, G, D, k, block, n, scores + b * block, stride);
+            (bf16 ? block_scores_bf16 : block_scores_f32)(q, G, D, k, block, n, scores + b * block, stride);
             continue;
         }
 #endif
-        block_scores_plain(q, G, D, k, block, n, scores + b * block, stride);
+        block_scores_plain(q, G, D, k, bf16, block, n, scores + b * block, stride);
     }
     float *den = o + G * D; /* G floats after o */
     for (int64_t j = 0; j < G; j++) den[j] = softmax_numerators(scores + j * stride, len, scale, fast);
 #ifdef PDMIX_X86
-    if (fast) weighted_values_avx2(scores, G, D, vc, KV, g, block, table, len, stride, o);
+    if (fast) (bf16 ? weighted_values_bf16 : weighted_values_f32)(scores, G, D, vc, KV, g, block, table, len, stride, o);
     else
 #endif
-        weighted_values_plain(scores, G, D, vc, KV, g, block, table, len, stride, 0, o);
+        weighted_values_plain(scores, G, D, vc, bf16, KV, g, block, table, len, stride, 0, o);
     for (int64_t j = 0; j < G; j++)
         for (int64_t d = 0; d < D; d++) o[j * D + d] /= den[j];
 }
 
-/* out [B, H, D] (bf16 if io_bf16, else fp32) from q [B, H, D] in the same dtype; tables [B, table_width]
-   int64, lengths [B] int64 (tokens in the cache, the new one included). Returns 0, or -1 if out of memory. */
-int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int64_t KV, int64_t D, const float *kc,
-                           const float *vc, int64_t block, const int64_t *tables, int64_t table_width,
+/* out [B, H, D] (bf16 if io_bf16, else fp32) from q [B, H, D] in the same dtype; the cache kc, vc in bf16
+   if cache_bf16, else fp32; tables [B, table_width] int64, lengths [B] int64 (tokens in the cache, the new
+   one included). Returns 0, or -1 if out of memory. */
+int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int64_t KV, int64_t D, const void *kc,
+                           const void *vc, int cache_bf16, int64_t block, const int64_t *tables, int64_t table_width,
                            const int64_t *lengths, float scale, void *out, int threads) {
     int64_t G = H / KV, longest = 0, tasks = B * KV;
     for (int64_t b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
@@ -309,7 +355,8 @@ int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int
         int64_t first = (b * H + g * G) * D;
         for (int64_t p = 0; p < G * D; p++)
             qf[p] = io_bf16 ? bf16_to_float(((const uint16_t *)q)[first + p]) : ((const float *)q)[first + p];
-        head_group(qf, G, D, KV, g, kc, vc, block, tables + b * table_width, lengths[b], scale, buf, stride, o);
+        head_group(qf, G, D, KV, g, kc, vc, cache_bf16, block, tables + b * table_width, lengths[b], scale, buf,
+                   stride, o);
         for (int64_t p = 0; p < G * D; p++) {
             if (io_bf16) ((uint16_t *)out)[first + p] = float_to_bf16(o[p]);
             else ((float *)out)[first + p] = o[p];
@@ -320,18 +367,22 @@ int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int
 }
 
 /* The step's new keys and values into the cache: k, v [T, KV, D] (bf16 if in_bf16, else fp32; row t at
-   k + t * k_row, each row's [KV, D] contiguous), slots [T]. */
+   k + t * k_row, each row's [KV, D] contiguous), slots [T]; the cache in bf16 if cache_bf16 (fp32
+   values rounded to nearest even, as torch converts them; bf16 ones stored as they are). */
+static inline void kv_store(void *c, int bf16, int64_t i, float x) {
+    if (bf16) ((uint16_t *)c)[i] = float_to_bf16(x);
+    else ((float *)c)[i] = x;
+}
+
 void pdmix_kv_write(const void *k, const void *v, int in_bf16, int64_t k_row, int64_t v_row, int64_t T, int64_t KV,
-                    int64_t D, const int64_t *slots, float *kc, float *vc, int64_t block) {
+                    int64_t D, const int64_t *slots, void *kc, void *vc, int cache_bf16, int64_t block) {
     for (int64_t t = 0; t < T; t++) {
         int64_t blk = slots[t] / block, off = slots[t] % block;
         for (int64_t g = 0; g < KV; g++)
             for (int64_t d = 0; d < D; d++) {
                 int64_t i = g * D + d;
-                float kv = in_bf16 ? bf16_to_float(((const uint16_t *)k)[t * k_row + i]) : ((const float *)k)[t * k_row + i];
-                float vv = in_bf16 ? bf16_to_float(((const uint16_t *)v)[t * v_row + i]) : ((const float *)v)[t * v_row + i];
-                kc[((blk * KV + g) * D + d) * block + off] = kv;
-                vc[((blk * KV + g) * block + off) * D + d] = vv;
+                kv_store(kc, cache_bf16, ((blk * KV + g) * D + d) * block + off, kv_at(k, in_bf16, t * k_row + i));
+                kv_store(vc, cache_bf16, ((blk * KV + g) * block + off) * D + d, kv_at(v, in_bf16, t * v_row + i));
             }
     }
 }

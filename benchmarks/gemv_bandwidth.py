@@ -58,8 +58,8 @@ def main():
     }
     result = {"command": "python benchmarks/gemv_bandwidth.py --threads %d --layers %d --rounds %d"
               % (args.threads, args.layers, args.rounds), "time": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": platform.processor() or platform.machine(), "isa": s8gemm.isa(), "float_isa": cpu_float.isa(), "threads": args.threads,
-              "kernels": {}}
+              "machine": platform.processor() or platform.machine(), "isa": s8gemm.isa(), "float_isa": cpu_float.isa(),
+              "threads": args.threads, "kernels": {}}
     for name, (fn, nbytes) in kernels.items():
         plain = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
         fn(), plain.sum()  # warm-up

@@ -12,8 +12,8 @@ from pdmix.kernels.clib import library
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and library()[0] is not None)
+    return (x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.is_contiguous() and library()[0] is not None)
 
 
 def isa() -> str | None:
@@ -22,7 +22,7 @@ def isa() -> str | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for bf16 x [..., k], weight [n, k] (contiguous) and bias [n]."""
+    """F.linear(x, weight, bias) for bf16 x [..., k], weight [n, k] (contiguous: see usable) and bias [n]."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     n = weight.shape[0]

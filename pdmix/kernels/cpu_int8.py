@@ -2,8 +2,8 @@
 the first backend on x86 CPUs (kernels.priority).
 
 It keeps the checkpoint's int8 weight as it is (no prepacked copy) and streams it once per step:
-at decode (M <= 4) close to the read bandwidth, 1.5x oneDNN's GEMM with VNNI and about 4x its split
-form without (onednn.py); at prefill about even with oneDNN (docs/performance.md).
+at decode (up to 4 rows, 8 with VNNI) as one stream, 1.5x oneDNN's GEMM with VNNI and about 4x its
+split form without (onednn.py); at prefill about even with oneDNN (docs/performance.md).
 Quantization and epilogues are the reference's functions, fused for large steps, so outputs are bit
 for bit the reference's.
 """

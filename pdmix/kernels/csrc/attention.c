@@ -21,7 +21,7 @@
 #include <immintrin.h>
 #endif
 
-int pdmix_s8gemm_isa(void); /* s8gemm.c: 2 where the AVX2 paths run */
+int pdmix_s8gemm_isa(void); /* s8gemm.c: 2 or more where the AVX2 paths run */
 
 /* The cache holds fp32, or bf16 (bf16 models: their keys and values are bf16 already, so storing them
    so is exact and halves what a decode step reads); every value is read as fp32, and the math is the
@@ -290,7 +290,7 @@ static float softmax_numerators(float *s, int64_t len, float scale, int fast) {
     return softmax_plain(s, len, scale);
 }
 
-/* A kv head's keys (or values) of one block are D * block floats (4 KB for D 64, block 16) far from
+/* A kv head's keys (or values) of one block, D * block values (4 KB in fp32 for D 64, block 16), lie far from
    the next block's, each about a page, where the hardware prefetcher stops: 4 GB/s from memory here.
    The keys and values of the block AHEAD_BLOCKS ahead are fetched by hand into L2 (into L1 the
    prefetches queue behind its few outstanding misses): 12-14 GB/s, the values found in L2 when

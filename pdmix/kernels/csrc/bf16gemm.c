@@ -8,11 +8,9 @@
    16 lanes), AVX2 (8 fp32 lanes with fused multiply-adds) or plain C (one running sum), chosen once
    per process, so one machine always computes the same bits.
 
-   Decode reads the weight once per step: four weight rows at a time, each a prefetched stream. */
+   Decode reads the weight once per step, four weight rows at a time (see AHEAD). */
 
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "bf16.h"
 

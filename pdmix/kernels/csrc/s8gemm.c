@@ -119,7 +119,7 @@ __attribute__((target("avx2"))) static void tile_1x1(const int16_t *x0, const in
    read as one sequential stream, row after row, which the hardware prefetcher follows best (a 4-row
    tile reads four strided streams: 0.5x of the read bandwidth here, against 0.7x this way) */
 #define X16(q) _mm256_loadu_si256((const __m256i *)(x0 + p + (q)))
-#define STREAM_AHEAD 4096
+#define STREAM_AHEAD 4096 /* bytes of weight prefetched ahead of the stream */
 __attribute__((target("avx2"))) static int32_t row_stream(const int16_t *x0, const int8_t *wr, int64_t k) {
     __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
     int64_t p = 0;

@@ -32,26 +32,33 @@ class SparseMoE(nn.Module):
         return weights.to(x.dtype), experts
 
     def forward(self, x: torch.Tensor, split=None) -> torch.Tensor:
-        t, h, k = x.shape[0], x.shape[1], self.top_k
         weights, experts = self.route(x)
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        rows = x[order // k]
-        out = torch.empty_like(rows)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start:start + n] = self.experts[e](rows[start:start + n])
-                start += n
-        contrib = torch.empty_like(out)
-        contrib[order] = out
-        contrib = contrib.view(t, k, h) * weights[..., None]
-        contrib = contrib.gather(1, experts.argsort(dim=-1)[..., None].expand(-1, -1, h))
-        y = contrib[:, 0]
-        for j in range(1, k):
-            y = y + contrib[:, j]
-        return y
+        return run_experts(x, weights, experts, len(self.experts), lambda e, rows: self.experts[e](rows))
+
+
+def run_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, expert) -> torch.Tensor:
+    """sum_j weights[t, j] * expert(experts[t, j], x[t]) for every token t, computed grouped by expert:
+    expert(e, rows) runs once on all rows routed to e. The weighted outputs (weights in x's dtype) are
+    summed in ascending expert order, in x's dtype. Shared with the vLLM plugin (pdmix/vllm/moe.py)."""
+    t, h, k = x.shape[0], x.shape[1], experts.shape[1]
+    flat = experts.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    rows = x[order // k]
+    out = torch.empty_like(rows)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            out[start:start + n] = expert(e, rows[start:start + n])
+            start += n
+    contrib = torch.empty_like(out)
+    contrib[order] = out
+    contrib = contrib.view(t, k, h) * weights[..., None]
+    contrib = contrib.gather(1, experts.long().argsort(dim=-1)[..., None].expand(-1, -1, h))
+    y = contrib[:, 0]
+    for j in range(1, k):
+        y = y + contrib[:, j]
+    return y
 
 
 def decoder_layer(cfg, layer: int, make_linear, get, norms: dict, tp_size: int = 1) -> DecoderLayer:

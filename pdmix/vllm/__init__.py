@@ -5,8 +5,9 @@ vLLM's own int8 kernels. Installed with `pip install 'pdmix[vllm]'`; vLLM loads 
 
 - config.py: the quantization method "w8a8_mix" (reads quant_model_description.json)
 - linear.py: the linear method (fused groups, float members, TP) on vLLM's int8 kernel factory
+- moe.py: a MoE layer's W8A8_DYNAMIC experts (vLLM's int8 fused MoE, or pdmix's per-expert kernels)
 - routing.py: which rows of a forward are prefill rows, read from vLLM's forward context
-- models.py: Llama/Qwen2/Qwen3 that carry the m4 biases and refuse tensors they cannot place
+- models.py: Llama/Qwen2/Qwen3/Qwen3-MoE that carry the m4 biases and refuse tensors they cannot place
 - detect.py: recognise a W8A8_MIX folder without --quantization
 Importing pdmix never imports this package.
 """

@@ -1,7 +1,8 @@
 """The W8A8_MIX linear method: one vLLM linear (fused q/k/v or gate/up, or a single one), its
 quantized members computed on one int8 weight with both SPEC §5 paths (kernels.py: PyTorch's
 oneDNN int8 GEMM on CPU, vLLM's CUTLASS kernels on NVIDIA GPUs), its float members (a fused group split by
-rollback, SPEC §7) as a float GEMM.
+rollback, SPEC §7) as a float GEMM. The same method runs W8A8_DYNAMIC linears (a MoE model's dense
+MLP, docs/moe.md): three stored tensors each, every row on the dynamic path.
 
 The split between the paths reads the rows from the forward context (routing.py) and writes each
 path's rows straight into the layer's output. Under vLLM's torch.compile tracing it runs as the
@@ -19,7 +20,7 @@ from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from pdmix.errors import PdmixError
-from pdmix.schemes import w8a8_mix
+from pdmix.schemes import w8a8_dynamic, w8a8_mix
 from pdmix.vllm import kernels, routing
 
 _LAYERS: dict[str, "W8A8MixLinearMethod"] = {}  # op key -> method, in this process
@@ -28,8 +29,10 @@ _keys = itertools.count()
 
 @register_weight_loader_v2_supported_method
 class W8A8MixLinearMethod(LinearMethodBase):
-    def __init__(self, prefix: str, members: list[str], quantized: list[bool]):
+    def __init__(self, prefix: str, members: list[str], quantized: list[bool], dynamic: bool = False):
         self.prefix, self.members, self.quantized = prefix, members, quantized
+        self.dynamic = dynamic  # W8A8_DYNAMIC members: no static tensors, every row dynamic
+        self.scheme = w8a8_dynamic if dynamic else w8a8_mix
         self.key = f"{prefix}#{next(_keys)}"
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -49,10 +52,11 @@ class W8A8MixLinearMethod(LinearMethodBase):
             data=torch.zeros(n, k, dtype=torch.int8), input_dim=1, output_dim=0, weight_loader=loader))
         layer.register_parameter("weight_scale", channel(torch.float32, 1))
         layer.register_parameter("weight_offset", channel(torch.float32, 1))
-        layer.register_parameter("deq_scale", channel(torch.float32))
-        layer.register_parameter("quant_bias", channel(torch.int32))
-        layer.register_parameter("input_scale", per_tensor())
-        layer.register_parameter("input_offset", per_tensor())
+        if not self.dynamic:
+            layer.register_parameter("deq_scale", channel(torch.float32))
+            layer.register_parameter("quant_bias", channel(torch.int32))
+            layer.register_parameter("input_scale", per_tensor())
+            layer.register_parameter("input_offset", per_tensor())
         if not all(self.quantized):
             layer.register_parameter("weight_float", ModelWeightParameter(
                 data=torch.zeros(n, k, dtype=params_dtype), input_dim=1, output_dim=0, weight_loader=loader))
@@ -67,18 +71,23 @@ class W8A8MixLinearMethod(LinearMethodBase):
                 continue
             r = rows[i]
             if layer.weight_offset[r].any():
-                raise ValueError(f"pdmix: {name}.weight_offset is not zero; W8A8_MIX weights are symmetric (SPEC §3)")
-            t = {"weight": layer.weight.data[r], "weight_scale": layer.weight_scale.data[r],
-                 "input_scale": layer.input_scale.data[i:i + 1], "input_offset": layer.input_offset.data[i:i + 1],
-                 "deq_scale": layer.deq_scale.data[r],
-                 "quant_bias": w8a8_mix.row_quant_bias(layer.quant_bias.data[r], row_rank)}
-            params.append(w8a8_mix.params_from_tensors(t, name))
+                raise ValueError(f"pdmix: {name}.weight_offset is not zero; {self.scheme.NAME} weights are symmetric")
+            t = {"weight": layer.weight.data[r], "weight_scale": layer.weight_scale.data[r]}
+            if self.dynamic:  # a source bias stays a FLOAT tensor, added in the dynamic epilogue (rank 0 only)
+                bias = getattr(layer, "bias", None)
+                bias = None if bias is None or row_rank else bias.data[r]
+                params.append(w8a8_dynamic.params_from_tensors(t, name, bias))
+            else:
+                t.update({"input_scale": layer.input_scale.data[i:i + 1], "input_offset": layer.input_offset.data[i:i + 1],
+                          "deq_scale": layer.deq_scale.data[r],
+                          "quant_bias": w8a8_mix.row_quant_bias(layer.quant_bias.data[r], row_rank)})
+                params.append(w8a8_mix.params_from_tensors(t, name))
             names.append(name)
         try:
             p = w8a8_mix.concat(params, names) if len(params) > 1 else params[0]
         except PdmixError as e:
             raise ValueError(f"pdmix: {e}") from None
-        for name in ("weight", "weight_scale", "weight_offset", "deq_scale", "quant_bias", "input_scale", "input_offset"):
+        for name in self.scheme.TENSORS:
             delattr(layer, name)  # the kernel holds what it needs; `p` holds the only int8 weight now
         self.kernel = kernels.make(p, self.out_dtype, current_platform)
         self.out_features = p.out_features
@@ -96,6 +105,9 @@ class W8A8MixLinearMethod(LinearMethodBase):
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized members' outputs, each row on its path, written in place."""
         out = torch.empty((x.shape[0], self.out_features), dtype=self.out_dtype, device=x.device)
+        if self.dynamic:
+            self.kernel.dynamic(x, out)
+            return out
         for prefill, rows in routing.parts(x.shape[0]):
             path = self.kernel.dynamic if prefill else self.kernel.static
             if isinstance(rows, slice):
@@ -108,7 +120,7 @@ class W8A8MixLinearMethod(LinearMethodBase):
         return out
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # A stored float bias of a quantized member is not used: quant_bias carries it (SPEC §3).
+        # A quantized member's bias is in its kernel: quant_bias (SPEC §3) or, W8A8_DYNAMIC, bias_float.
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()
         # the custom op only where a graph is traced (it is opaque to the compiler); eager skips the dispatcher

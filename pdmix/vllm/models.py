@@ -1,4 +1,4 @@
-"""vLLM's Llama, Qwen2 and Qwen3 with what a W8A8_MIX checkpoint adds, registered under the same
+"""vLLM's Llama, Qwen2, Qwen3 and Qwen3-MoE with what a W8A8_MIX checkpoint adds, registered under the same
 architecture names (for any other checkpoint they are vLLM's own classes, unchanged):
 
 - the biases m4 outlier suppression leaves (SPEC §6): RMSNorm + bias, and a bias on linears that
@@ -7,6 +7,8 @@ architecture names (for any other checkpoint they are vLLM's own classes, unchan
 - loading that places every tensor of the checkpoint, or names the first one it could not place.
 """
 
+import re
+
 import torch
 from torch import nn
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -14,10 +16,16 @@ from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.utils import set_weight_attrs
 
 from pdmix.format.names import DESCRIPTION_FILE
 from pdmix.vllm.config import W8A8MixConfig
+
+# a checkpoint expert's tensor -> the stacked parameter vLLM's RoutedExperts loads it into (vLLM 0.32
+# reports it under the MoE runner's `routed_experts`)
+EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.")
+STACKED = {"gate_proj": "w13_", "up_proj": "w13_", "down_proj": "w2_"}
 
 
 class BiasedRMSNorm(RMSNorm):
@@ -50,6 +58,12 @@ class W8A8MixModel:
 
     def _vllm_name(self, name: str) -> str | None:
         return self.hf_to_vllm_mapper.map_name(name)
+
+    def _placed(self, name: str, loaded: set[str]) -> bool:
+        if EXPERT.search(name):
+            return any(EXPERT.sub(f".experts.{runner}{STACKED[p]}", name) in loaded
+                       for p in STACKED if f".{p}." in name for runner in ("", "routed_experts."))
+        return self._vllm_name(name) in loaded
 
     def _make_room_for_bias(self, name: str) -> None:
         mapped = self._vllm_name(name)
@@ -85,7 +99,7 @@ class W8A8MixModel:
         for name, mapped in seen.items():
             if tied and name.startswith("lm_head."):
                 continue  # vLLM ties it to the embedding
-            if self._vllm_name(mapped) not in loaded:
+            if not self._placed(mapped, loaded):
                 raise ValueError(f"pdmix: checkpoint tensor {name} has no place in vLLM's {type(self).__name__}; "
                                  f"refusing to run without it")
         missing = sorted(set(cfg.types) - set(seen))
@@ -107,8 +121,12 @@ class W8A8MixQwen3ForCausalLM(W8A8MixModel, Qwen3ForCausalLM):
     pass
 
 
+class W8A8MixQwen3MoeForCausalLM(W8A8MixModel, Qwen3MoeForCausalLM):
+    pass
+
+
 ARCHITECTURES = {"LlamaForCausalLM": W8A8MixLlamaForCausalLM, "Qwen2ForCausalLM": W8A8MixQwen2ForCausalLM,
-                 "Qwen3ForCausalLM": W8A8MixQwen3ForCausalLM}
+                 "Qwen3ForCausalLM": W8A8MixQwen3ForCausalLM, "Qwen3MoeForCausalLM": W8A8MixQwen3MoeForCausalLM}
 
 
 def register() -> None:

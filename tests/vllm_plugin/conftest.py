@@ -20,6 +20,9 @@ from pdmix.synth import make_random_model  # noqa: E402
 
 TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32)
+# A Qwen3-MoE (docs/moe.md): layers 0 and 2 sparse (8 experts, 2 active), layer 1 a dense MLP
+MOE_SHAPE = dict(TINY_SHAPE, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                 norm_topk_prob=True, mlp_only_layers=[1])
 # SPEC §7: msModelSlim kept q_proj and k_proj of a layer float and its v_proj quantized
 SPLIT_QK = ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj")
 
@@ -48,7 +51,11 @@ def checkpoints(tmp_path_factory):
         import torch
         src = root / f"{arch}-{dtype}-float"
         if not src.exists():
-            make_random_model(src, arch, shape=TINY_SHAPE, dtype=getattr(torch, dtype))
+            make_random_model(src, arch, shape=MOE_SHAPE if arch == "qwen3_moe" else TINY_SHAPE, dtype=getattr(torch, dtype))
+        if arch == "qwen3_moe":
+            # W8A8_DYNAMIC experts and dense MLP (up_proj float beside a quantized gate_proj), W8A8_MIX attention
+            return quantize(src, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--disable_names",
+                            *SPLIT_QK, "model.layers.1.mlp.up_proj")
         if kind.startswith("msmodelslim"):
             # fp32 scales, int64 deq_scale (fp16), sharded names, m4 norm and linear biases, q/k float beside a quantized v
             return build_w8a8_checkpoint(src, root / name, variant="msmodelslim", m4_biases=True, float_layers=SPLIT_QK,

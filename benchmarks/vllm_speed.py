@@ -45,23 +45,38 @@ def rss_bytes() -> int:
 
 
 def linear_bytes(model) -> int:
-    """Resident bytes of the decoder layers' linears (module docstring)."""
+    """Resident bytes of the decoder layers' linears, MoE experts included (module docstring)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
 
     from pdmix.vllm.linear import W8A8MixLinearMethod
-    total, seen = 0, set()  # a tensor shared by layers (oneDNN's zero points of one width) counts once
+    from pdmix.vllm.moe import W8A8DynamicMoEMethod
+    total, seen = 0, set()  # a storage shared by tensors (oneDNN's zero points of one width, experts' views) counts once
+
+    def count(tensors) -> int:
+        new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+               if t.untyped_storage().data_ptr() not in seen}
+        seen.update(new)
+        return sum(new.values())
+
     for module in model.model.layers.modules():
+        if isinstance(module, RoutedExperts):
+            method = module.quant_method
+            total += count(list(module.parameters()))
+            if isinstance(method, W8A8DynamicMoEMethod) and method.experts is not None:
+                total += count(t for kernels in method.experts for k in kernels for t in k.tensors().values())
+            continue
         if not isinstance(module, LinearBase):
             continue
         method = module.quant_method
         if isinstance(method, W8A8MixLinearMethod):
-            tensors = [t for t in method.kernel.tensors().values() if id(t) not in seen]
-            seen.update(id(t) for t in tensors)
-            total += sum(t.nbytes for t in tensors)
+            total += count(method.kernel.tensors().values())
             total += method.float_weight.nbytes if method.float_cols is not None else 0
         else:
             w = module.weight
-            total += w.nbytes if w.numel() else module.input_size_per_partition * module.output_size_per_partition * 2
+            k = getattr(module, "input_size_per_partition", module.input_size)
+            n = getattr(module, "output_size_per_partition", module.output_size)
+            total += w.nbytes if w.numel() else k * n * 2
     return total
 
 
@@ -112,6 +127,14 @@ def build_llama3_8b_widths(root: Path, tokenizer: Path) -> tuple[Path, Path]:
     return src, quant
 
 
+def receive(proc, conn):
+    """The engine process's next answer; stop (not hang) if it died."""
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            sys.exit(f"vllm_speed: error: an engine process exited with code {proc.exitcode} (its traceback is above)")
+    return conn.recv()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--float", help="float (bf16) Hugging Face folder")
@@ -138,7 +161,7 @@ def main():
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker, args=(folder, args, child))
         proc.start()
-        engines[name] = (proc, parent, parent.recv())
+        engines[name] = (proc, parent, receive(proc, parent))
 
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "vllm": vllm.__version__,
               "enforce_eager": True, "model_float": args.float, "model_quant": args.quant, "prefill": args.prefill,
@@ -152,7 +175,7 @@ def main():
             for name, (_, conn, _) in engines.items():
                 time.sleep(0.5)  # let the other engine's OpenMP threads go idle
                 conn.send((kind, b))
-                best[name] = min(best[name], conn.recv())
+                best[name] = min(best[name], receive(engines[name][0], conn))
         for name, t in best.items():
             key, tokens = (("prefill_tokens_per_s", args.prefill) if kind == "prefill"
                            else (f"decode_batch{b}_tokens_per_s", b * (args.decode - 1)))

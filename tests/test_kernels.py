@@ -154,10 +154,11 @@ def test_masked_rows_equal_split_rows(name, m, n_dynamic):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 7, 32), (2, 96, 576), (3, 13, 40), (65, 130, 64), (17, 4, 16), (130, 37, 1536),
-                                   (7, 9, 100)])
+                                   (7, 9, 100), (8, 10, 200), (8, 6, 4160)])
 def test_s8gemm_is_exact_for_every_code_and_shape(m, n, k):
     """pdmix's C GEMM against int64 products summed here: the ends of the int8 range (-128 too, which
-    msModelSlim's static codes reach), ragged n and k (tails off the AVX2 path), more rows than a block."""
+    msModelSlim's static codes reach), ragged n and k (tails off the AVX2 path), more rows than a block,
+    8 rows on each side of the VNNI path's tile/stream choice (TILE_K_VNNI)."""
     if s8gemm.library()[0] is None:
         pytest.skip(s8gemm.library()[1])
     g = torch.Generator().manual_seed(m * n + k)

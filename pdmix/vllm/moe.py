@@ -85,6 +85,9 @@ class W8A8DynamicMoEMethod(FusedMoEMethodBase):
         if self.int8_backend is not None:
             self._vllm_kernel(layer)
         else:
+            if layer.local_num_experts != layer.global_num_experts:
+                raise ValueError(f"pdmix: {self.prefix}: expert parallelism needs vLLM's int8 fused MoE, which this "
+                                 f"platform lacks; run without --enable-expert-parallel (tensor parallelism works)")
             self.experts = [tuple(self._linear(layer, w, e) for w in ("w13", "w2")) for e in range(layer.local_num_experts)]
 
     def _linear(self, layer, w: str, e: int):

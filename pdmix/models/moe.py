@@ -41,7 +41,8 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n
     expert(e, rows) runs once on all rows routed to e. The weighted outputs (weights in x's dtype) are
     summed in ascending expert order, in x's dtype. Shared with the vLLM plugin (pdmix/vllm/moe.py)."""
     t, h, k = x.shape[0], x.shape[1], experts.shape[1]
-    flat = experts.reshape(-1).long()
+    experts = experts.long()  # vLLM's router gives int32 ids
+    flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat, minlength=num_experts).tolist()
     rows = x[order // k]
@@ -54,7 +55,7 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n
     contrib = torch.empty_like(out)
     contrib[order] = out
     contrib = contrib.view(t, k, h) * weights[..., None]
-    contrib = contrib.gather(1, experts.long().argsort(dim=-1)[..., None].expand(-1, -1, h))
+    contrib = contrib.gather(1, experts.argsort(dim=-1)[..., None].expand(-1, -1, h))
     y = contrib[:, 0]
     for j in range(1, k):
         y = y + contrib[:, j]

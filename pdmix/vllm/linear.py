@@ -32,8 +32,11 @@ class W8A8MixLinearMethod(LinearMethodBase):
     def __init__(self, prefix: str, members: list[str], quantized: list[bool], dynamic: bool = False):
         self.prefix, self.members, self.quantized = prefix, members, quantized
         self.dynamic = dynamic  # W8A8_DYNAMIC members: no static tensors, every row dynamic
-        self.scheme = w8a8_dynamic if dynamic else w8a8_mix
         self.key = f"{prefix}#{next(_keys)}"
+
+    @property
+    def scheme(self):
+        return w8a8_dynamic if self.dynamic else w8a8_mix
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):

@@ -60,10 +60,11 @@ class W8A8MixModel:
         return self.hf_to_vllm_mapper.map_name(name)
 
     def _placed(self, name: str, loaded: set[str]) -> bool:
-        if EXPERT.search(name):
-            return any(EXPERT.sub(f".experts.{runner}{STACKED[p]}", name) in loaded
-                       for p in STACKED if f".{p}." in name for runner in ("", "routed_experts."))
-        return self._vllm_name(name) in loaded
+        expert = EXPERT.search(name)
+        if expert is None:
+            return self._vllm_name(name) in loaded
+        stacked = STACKED[expert.group(1)]
+        return any(EXPERT.sub(f".experts.{runner}{stacked}", name) in loaded for runner in ("", "routed_experts."))
 
     def _make_room_for_bias(self, name: str) -> None:
         mapped = self._vllm_name(name)

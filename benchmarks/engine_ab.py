@@ -6,12 +6,14 @@ median tokens per CPU-second (and per second), and each variant's ratio to the f
         --variants onednn:float,cpu_int8:float,cpu_int8:int8 --prompt_len 512 --new_tokens 128 \
         --batch_sizes 1,16 --rounds 3
 
-A variant is KERNEL:LM_HEAD[:compiled]. Prefill is timed on the batch-1 request's prompt; decode
+A variant is KERNEL:LM_HEAD[:compiled][:row_major]; row_major loads the cpu_int8 weights in the
+checkpoint's layout rather than VNNI-packed (PDMIX_S8GEMM_PACK=0 during its load). Prefill is timed on the batch-1 request's prompt; decode
 at batch B runs B different prompts of --prompt_len tokens (the batch-1 request is the prefill's).
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -25,9 +27,11 @@ from pdmix.runtime.sampling import SamplingParams
 
 def parse_variant(text: str) -> dict:
     parts = text.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "compiled"):
-        sys.exit(f"pdmix: error: --variants {text!r}: expected KERNEL:LM_HEAD[:compiled]")
-    return {"name": text, "kernel": parts[0], "lm_head": parts[1], "compile": len(parts) == 3}
+    flags = set(parts[2:])
+    if len(parts) < 2 or not flags <= {"compiled", "row_major"} or len(flags) != len(parts) - 2:
+        sys.exit(f"pdmix: error: --variants {text!r}: expected KERNEL:LM_HEAD[:compiled][:row_major]")
+    return {"name": text, "kernel": parts[0], "lm_head": parts[1], "compile": "compiled" in flags,
+            "row_major": "row_major" in flags}
 
 
 def run_point(llm: LLM, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -54,10 +58,12 @@ def main() -> int:
     prompts = [torch.randint(1000, 20000, (args.prompt_len,), generator=g).tolist() for _ in range(max(batches))]
     llms = {}
     for v in variants:
+        os.environ["PDMIX_S8GEMM_PACK"] = "0" if v["row_major"] else "1"
         llms[v["name"]] = LLM(args.model_path, max_batch_size=max(batches), max_input_length=args.prompt_len,
                               max_output_length=args.new_tokens, kernel=v["kernel"], lm_head=v["lm_head"],
                               compile=v["compile"])
         llms[v["name"]].warmup()
+    os.environ.pop("PDMIX_S8GEMM_PACK")
     runs = {(b, v["name"]): [] for b in batches for v in variants}
     for _ in range(args.rounds):
         for b in batches:

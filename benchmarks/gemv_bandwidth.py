@@ -1,10 +1,14 @@
 """How fast the decode kernels read their weights, against what one thread can read at all.
 
-Each kernel runs at M = 1 over a model's worth of distinct weights in turn (cold: they do not fit in
+Each kernel runs at M = 1 (the int8 decoder GEMM also at each of --rows) over a model's worth of distinct weights in turn (cold: they do not fit in
 cache), alternating with `torch.sum` over the same number of bytes (the read bandwidth), medians of
 --rounds after a warm-up. Prints JSON: GB/s per kernel and its fraction of the read bandwidth.
 
-  python benchmarks/gemv_bandwidth.py --threads 1
+  python benchmarks/gemv_bandwidth.py --threads 1 --rows 1,8,16
+
+The int8 decoder GEMM runs on the weights as the runtime holds them (s8gemm.Int8Weight: VNNI-packed
+on CPUs with AVX-512 VNNI) and, where that differs, on the checkpoint's row-major layout too
+("..._row_major"), alternating in the same run.
 
 Weights: SmolLM2-135M's decoder (30 layers of q/k/v 960x576, o 576x576, gate/up 3072x576, down
 576x1536; about 106 MB int8) and its 49152x576 lm_head (int8 Q8_0; bf16 in pdmix's C GEMM, which the
@@ -34,30 +38,41 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rows", default="1", help="comma-separated rows of x for the int8 decoder GEMM (decode batch sizes)")
     args = p.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
     torch.set_num_threads(args.threads)
     if s8gemm.library()[0] is None:
         raise SystemExit(f"pdmix: error: {s8gemm.library()[1]}")
     g = torch.Generator().manual_seed(0)
     weights = [torch.randint(-127, 128, s, dtype=torch.int8, generator=g) for s in SHAPES * args.layers]
-    xs = {k: torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=g) for k in {s[1] for s in SHAPES}}
+    packed = [s8gemm.Int8Weight(w) for w in weights]
+    xs = {(m, k): torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g) for k in {s[1] for s in SHAPES}
+          for m in rows}
     heads = 4  # lm_heads in turn, so that they come from memory
     head8 = [torch.randint(-127, 128, (49152, 576), dtype=torch.int8, generator=g) for _ in range(heads)]
     head_scales = torch.rand(49152, 576 // 32, generator=g)
     head16 = [torch.randn(49152, 576, generator=g).bfloat16() for _ in range(heads)]
     h8, h8_scales = torch.randint(-127, 128, (1, 576), dtype=torch.int8, generator=g), torch.rand(1, 576 // 32)
     h16 = torch.randn(1, 576, generator=g).bfloat16()
-    kernels = {
-        "int8_gemm_decoder": (lambda: [s8gemm.gemm(xs[w.shape[1]], w) for w in weights],
-                              sum(w.numel() for w in weights)),
+    decoder_bytes = sum(w.numel() for w in weights)
+    kernels = {}
+    for m in rows:
+        suffix = "" if m == 1 else f"_m{m}"
+        kernels["int8_gemm_decoder" + suffix] = (lambda m=m: [s8gemm.gemm(xs[m, w.shape[1]], w) for w in packed],
+                                                 decoder_bytes)
+        if packed[0].corr is not None:
+            kernels[f"int8_gemm_decoder{suffix}_row_major"] = (
+                lambda m=m: [s8gemm.gemm(xs[m, w.shape[1]], w) for w in weights], decoder_bytes)
+    kernels |= {
         "q8_0_lm_head": (lambda: [s8gemm.q8_0_gemm(h8, h8_scales, w, head_scales) for w in head8],
                          heads * (head8[0].numel() + head_scales.numel() * 4)),
         "bf16_lm_head_c": (lambda: [cpu_float.linear(h16, w) for w in head16], heads * head16[0].numel() * 2),
         "bf16_lm_head_torch": (lambda: [torch.nn.functional.linear(h16, w) for w in head16],
                                heads * head16[0].numel() * 2),
     }
-    result = {"command": "python benchmarks/gemv_bandwidth.py --threads %d --layers %d --rounds %d"
-              % (args.threads, args.layers, args.rounds), "time": time.strftime("%Y-%m-%d %H:%M"),
+    result = {"command": "python benchmarks/gemv_bandwidth.py --threads %d --layers %d --rounds %d --rows %s"
+              % (args.threads, args.layers, args.rounds, args.rows), "time": time.strftime("%Y-%m-%d %H:%M"),
               "machine": platform.processor() or platform.machine(), "isa": s8gemm.isa(), "float_isa": cpu_float.isa(),
               "threads": args.threads, "kernels": {}}
     for name, (fn, nbytes) in kernels.items():

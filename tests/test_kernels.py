@@ -176,6 +176,35 @@ def test_s8gemm_is_exact_for_every_code_and_shape(m, n, k):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("n,k", [(16, 4), (32, 576), (48, 1536), (80, 100), (960, 576)])
+def test_packed_weight_is_exact_and_keeps_one_copy(n, k):
+    """The VNNI-packed weight (CPUs with AVX-512 VNNI): the same integers as int64 products summed here
+    for every row count around the 8-row tile (1-17) and beyond a 64-row block, column blocks left over
+    by the 3-block tile (n = 16, 32, 80), columns split over threads; in_place packs into the given
+    tensor's own storage, and either way the data holds exactly n * k codes."""
+    if not s8gemm.packs(n, k):
+        pytest.skip(f"an [{n}, {k}] weight stays row-major on this CPU ({s8gemm.isa()})")
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0], w[-1, :4] = -128, 127
+    packed, own = s8gemm.Int8Weight(w), w.clone()
+    placed = s8gemm.Int8Weight(own, in_place=True)
+    assert packed.corr is not None and packed.data.numel() == n * k
+    assert torch.equal(packed.data, w) == (k == 4)  # one 4-byte chunk per row: the layouts coincide
+    assert placed.data.data_ptr() == own.data_ptr() and torch.equal(placed.data, packed.data)
+    threads = torch.get_num_threads()
+    try:
+        for m in (*range(1, 18), 64, 67):
+            x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+            x[0] = -128
+            want = (x.long() @ w.long().T).int()
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                assert torch.equal(s8gemm.gemm(x, packed), want), (m, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tie_layer(n: int, k: int, seed: int) -> tuple[w8a8_mix.W8A8Params, torch.Tensor]:
     """A layer and rows whose quantization lands on .5 ties on both paths: input_scale 0.5 and
     activations in quarters (static), and each row's max |x| 63.5, so s_t = 0.5 (dynamic)."""

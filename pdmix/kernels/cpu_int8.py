@@ -1,9 +1,9 @@
 """W8A8_MIX on CPUs with pdmix's own exact int8 GEMM (`s8gemm`, C, with AVX2 and AVX-512 VNNI paths):
 the first backend on x86 CPUs (kernels.priority).
 
-It keeps the checkpoint's int8 weight as it is (no prepacked copy) and streams it once per step:
-at decode (up to 4 rows, 8 with VNNI) as one stream, 1.5x oneDNN's GEMM with VNNI and about 4x its
-split form without (onednn.py); at prefill about even with oneDNN (docs/performance.md).
+It keeps one int8 copy of each weight, streamed once per step: VNNI-packed where the CPU has AVX-512
+VNNI (s8gemm.Int8Weight: the packed codes replace the checkpoint's, no second copy), row-major
+elsewhere (AVX2: about 4x oneDNN's split form, onednn.py); docs/performance.md has the figures.
 Quantization and epilogues are the reference's functions, fused for large steps, so outputs are bit
 for bit the reference's.
 """
@@ -24,9 +24,12 @@ class CpuInt8Kernel(reference.ReferenceKernel):
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, reduce=None, reduce_max=None):
         assert reduce is None and reduce_max is None
-        super().__init__(W8A8Params(**dict(vars(p), weight=p.weight.contiguous())), out_dtype)
+        self.weight = s8gemm.Int8Weight(p.weight)  # the one int8 copy, in the GEMM's layout
+        # the reference's fields; its weight is this kernel's (maybe packed) codes, read only through self.weight
+        self.params, self.out_dtype, self.reduce, self.reduce_max = (W8A8Params(**dict(vars(p), weight=self.weight.data)),
+                                                                     out_dtype, None, None)
         p = self.params
-        self.linear = (s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
+        self.linear = (s8gemm.W8A8Linear(self.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
                                          p.weight_scale, p.bias_float, out_dtype)
                        if out_dtype in s8gemm.LINEAR_DTYPES else None)
 
@@ -35,7 +38,7 @@ class CpuInt8Kernel(reference.ReferenceKernel):
         return self.linear is not None and x.dtype in s8gemm.LINEAR_DTYPES
 
     def matmul(self, x_q: torch.Tensor) -> torch.Tensor:
-        return s8gemm.gemm(x_q, self.params.weight)
+        return s8gemm.gemm(x_q, self.weight)
 
     def apply(self, x: torch.Tensor, n_dynamic: int) -> torch.Tensor:
         """One GEMM over both row sets (a mixed step streams the weight once); for bf16 and fp32
@@ -67,6 +70,6 @@ class CpuInt8Kernel(reference.ReferenceKernel):
             return torch.ops.pdmix.w8a8_linear(x, dynamic, *self.linear.graph_tensors(), self.out_dtype)
         q_dyn, s = reference.quantize_dynamic(x)
         q = torch.where(dynamic, q_dyn, reference.quantize_static(x, p.input_scale, p.input_offset))
-        acc = torch.ops.pdmix.s8gemm(q, p.weight)
+        acc = torch.ops.pdmix.s8gemm(q, self.weight.data, self.weight.corr)
         y_dyn = reference.epilogue_dynamic(acc, s, p.weight_scale, p.bias_float, self.out_dtype)
         return torch.where(dynamic, y_dyn, reference.epilogue_static(acc, p.deq_scale, p.quant_bias, self.out_dtype))

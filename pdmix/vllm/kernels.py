@@ -124,15 +124,16 @@ class CPUKernel(_Kernel):
 class CPUInt8Kernel(_Kernel):
     """x86 CPUs (wherever the engine's cpu_int8 backend comes first: AVX2 or AVX-512 VNNI), through
     pdmix's own C linear (`pdmix/kernels/s8gemm.py`, the engine's cpu_int8 backend): quantization, an exact int8
-    GEMM on the checkpoint's int8 weight as it is (no prepacked copy) and the epilogue in one call
+    GEMM on the one int8 weight (s8gemm.Int8Weight: VNNI-packed where that runs faster) and the epilogue in one call
     per path, writing the model dtype straight into the output rows. The arithmetic is SPEC §5's as
     written (division by the scales, no reciprocal), bit for bit pdmix's reference backend."""
 
-    def __init__(self, p: W8A8Params, out_dtype: torch.dtype):
+    def __init__(self, p: W8A8Params, out_dtype: torch.dtype, in_place: bool = False):
         super().__init__(p, out_dtype)
-        self.linear = s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
+        self.linear = s8gemm.W8A8Linear(s8gemm.Int8Weight(p.weight, in_place=in_place), p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
                                         p.weight_scale, p.bias_float, out_dtype)
-        self.weight = self.linear.weight  # the one int8 copy
+        self.weight = self.linear.weight.data  # the one int8 copy
+        self.corr = self.linear.weight.corr
         self.deq_scale, self.quant_bias, self.weight_scale, self.bias_float = self.linear.vectors
 
     @staticmethod
@@ -179,10 +180,11 @@ class CUDAKernel(_Kernel):
         torch.ops._C.cutlass_scaled_mm(out, q, self.weight.t(), s, self.weight_scale, self.bias)
 
 
-def make(p: W8A8Params, out_dtype: torch.dtype, platform) -> _Kernel:
-    """The kernel of vLLM's current platform."""
+def make(p: W8A8Params, out_dtype: torch.dtype, platform, in_place: bool = False) -> _Kernel:
+    """The kernel of vLLM's current platform. in_place: p.weight lies in memory the caller gives up to the
+    kernel (a view of vLLM's stacked experts), where pdmix's C linear packs it rather than beside it."""
     if platform.is_cpu():
-        return CPUInt8Kernel(p, out_dtype) if CPUInt8Kernel.chosen(out_dtype) else CPUKernel(p, out_dtype)
+        return CPUInt8Kernel(p, out_dtype, in_place) if CPUInt8Kernel.chosen(out_dtype) else CPUKernel(p, out_dtype)
     if platform.is_cuda():
         return CUDAKernel(p, out_dtype)  # the tensors are where vLLM loaded them
     raise ValueError(f"pdmix: W8A8_MIX in vLLM runs on CPUs and NVIDIA GPUs, not on {platform.device_type!r}")

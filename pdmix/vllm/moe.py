@@ -91,9 +91,11 @@ class W8A8DynamicMoEMethod(FusedMoEMethodBase):
             self.experts = [tuple(self._linear(layer, w, e) for w in ("w13", "w2")) for e in range(layer.local_num_experts)]
 
     def _linear(self, layer, w: str, e: int):
-        """Expert e's half `w` as a plugin linear kernel on a view of the stacked int8 weight (no copy)."""
+        """Expert e's half `w` as a plugin linear kernel on a view of the stacked int8 weight (no copy: packed,
+        where pdmix's C linear packs, in the stacked tensor's own storage)."""
         t = {"weight": getattr(layer, f"{w}_weight").data[e], "weight_scale": getattr(layer, f"{w}_weight_scale").data[e]}
-        return kernels.make(w8a8_dynamic.params_from_tensors(t, f"{self.prefix}.{e}.{w}"), self.out_dtype, current_platform)
+        return kernels.make(w8a8_dynamic.params_from_tensors(t, f"{self.prefix}.{e}.{w}"), self.out_dtype, current_platform,
+                            in_place=True)
 
     def _vllm_kernel(self, layer) -> None:
         """vLLM's int8 fused MoE, set up as its compressed-tensors W8A8 int8 MoE method does."""

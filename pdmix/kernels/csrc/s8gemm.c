@@ -41,16 +41,22 @@ struct problem {
     int64_t m, n, k;
     void *out;
     const struct epilogue *ep;
+    const int32_t *corr; /* set: w is VNNI-packed (pdmix_s8pack), with these corrections */
 };
 
+/* w[j][p] of either layout */
+static inline int8_t weight_at(const struct problem *a, int64_t j, int64_t p) {
+    return a->corr ? a->w[((j / 16) * (a->k / 4) + p / 4) * 64 + (j % 16) * 4 + p % 4] : a->w[j * a->k + p];
+}
+
 static void gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
-    const int8_t *x = a->x, *w = a->w;
+    const int8_t *x = a->x;
     int64_t m = a->m, n = a->n, k = a->k;
     int32_t *out = (int32_t *)a->out;
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = n0; j < n1; j++) {
             int32_t s = 0;
-            for (int64_t p = 0; p < k; p++) s += (int32_t)x[i * k + p] * (int32_t)w[j * k + p];
+            for (int64_t p = 0; p < k; p++) s += (int32_t)x[i * k + p] * (int32_t)weight_at(a, j, p);
             out[i * n + j] = s;
         }
 }
@@ -463,7 +469,97 @@ VNNI static void gemm_vnni(const struct problem *a, int64_t n0, int64_t n1, int1
             }
     }
 }
+
+/* ---- The VNNI-packed weight (pdmix_s8pack), for n % 16 == 0 and k % 4 == 0: column block b (columns
+   16b .. 16b+15) is k/4 chunks of 64 bytes, chunk c holding w[16b + q][4c .. 4c+3] at bytes 4q .. 4q+3.
+   One vpdpbusd of a chunk with 4 codes of a row of u broadcast adds to the 16 columns' sums at once, each
+   in its own lane: no reduction across lanes, and every loaded weight byte serves every row of the tile.
+   With corr[j] = 128 * sum_p w[j][p], sum(u * w) - corr = sum(x * w). */
+#define PACK_R 8 /* rows of x per tile: 8 x 3 accumulators, 3 weight chunks and the broadcast fit 32 registers */
+#define PACK_T 3 /* column blocks per tile */
+#define PACK_AHEAD 2048 /* bytes prefetched ahead in each block's stream */
+
+/* R (1-8) rows of u (row stride k) against T (1-3) blocks from blk (block stride 16 k bytes) -> out[r][16 t + q]
+   (row stride n), corrections from corr */
+VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T, const uint8_t *u, int64_t k,
+                                                                   const int8_t *blk, const int32_t *corr,
+                                                                   int32_t *out, int64_t n) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z, c32 = z;
+    __m512i c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z, c62 = z, c70 = z, c71 = z, c72 = z;
+    const int64_t bs = 16 * k;
+    for (int64_t p = 0; p < k; p += 4) {
+        const int8_t *b = blk + 16 * p;
+        __m512i w0 = z, w1 = z, w2 = z;
+        _mm_prefetch((const char *)(b + PACK_AHEAD), _MM_HINT_T0);
+        w0 = _mm512_loadu_si512(b);
+        if (T > 1) { _mm_prefetch((const char *)(b + bs + PACK_AHEAD), _MM_HINT_T0); w1 = _mm512_loadu_si512(b + bs); }
+        if (T > 2) { _mm_prefetch((const char *)(b + 2 * bs + PACK_AHEAD), _MM_HINT_T0); w2 = _mm512_loadu_si512(b + 2 * bs); }
+#define PACKED_ROW(r)                                                                                      \
+        if (R > r) {                                                                                       \
+            int32_t four;                                                                                  \
+            memcpy(&four, u + r * k + p, 4);                                                               \
+            __m512i a = _mm512_set1_epi32(four);                                                           \
+            DP_INPLACE(c##r##0, a, w0);                                                                    \
+            if (T > 1) DP_INPLACE(c##r##1, a, w1);                                                         \
+            if (T > 2) DP_INPLACE(c##r##2, a, w2);                                                         \
+        }
+        PACKED_ROW(0) PACKED_ROW(1) PACKED_ROW(2) PACKED_ROW(3) PACKED_ROW(4) PACKED_ROW(5) PACKED_ROW(6) PACKED_ROW(7)
+    }
+#define PACKED_OUT(r)                                                                                      \
+    if (R > r) {                                                                                           \
+        _mm512_storeu_si512(out + r * n, _mm512_sub_epi32(c##r##0, e0));                                   \
+        if (T > 1) _mm512_storeu_si512(out + r * n + 16, _mm512_sub_epi32(c##r##1, e1));                   \
+        if (T > 2) _mm512_storeu_si512(out + r * n + 32, _mm512_sub_epi32(c##r##2, e2));                   \
+    }
+    __m512i e0 = _mm512_loadu_si512(corr), e1 = z, e2 = z;
+    if (T > 1) e1 = _mm512_loadu_si512(corr + 16);
+    if (T > 2) e2 = _mm512_loadu_si512(corr + 32);
+    PACKED_OUT(0) PACKED_OUT(1) PACKED_OUT(2) PACKED_OUT(3) PACKED_OUT(4) PACKED_OUT(5) PACKED_OUT(6) PACKED_OUT(7)
+}
+
+#define PACKED_T(R)                                                                                        \
+    case R:                                                                                                \
+        if (T == 3) packed_tile(R, 3, u, k, blk, corr, out, n);                                            \
+        else if (T == 2) packed_tile(R, 2, u, k, blk, corr, out, n);                                       \
+        else packed_tile(R, 1, u, k, blk, corr, out, n);                                                   \
+        break;
+VNNI static void packed_tile_rt(int64_t R, int64_t T, const uint8_t *u, int64_t k, const int8_t *blk,
+                                const int32_t *corr, int32_t *out, int64_t n) {
+    switch (R) { PACKED_T(8) PACKED_T(7) PACKED_T(6) PACKED_T(5) PACKED_T(4) PACKED_T(3) PACKED_T(2) PACKED_T(1) }
+}
+
+/* columns [n0, n1) of out (multiples of 16) from the packed weight; buf: the block's rows as unsigned codes */
+VNNI static void gemm_vnni_packed(const struct problem *a, int64_t n0, int64_t n1, int16_t *buf) {
+    const int8_t *x = a->x, *w = a->w;
+    int64_t m = a->m, n = a->n, k = a->k;
+    int32_t *out = (int32_t *)a->out;
+    uint8_t *u = (uint8_t *)buf;
+    for (int64_t i0 = 0; i0 < m; i0 += MB) {
+        int64_t mb = m - i0 < MB ? m - i0 : MB;
+        to_unsigned(x + i0 * k, mb, k, u);
+        for (int64_t j = n0; j < n1; j += 16 * PACK_T) { /* the tile's blocks stay in L1/L2 across the rows */
+            int64_t T = (n1 - j) / 16 < PACK_T ? (n1 - j) / 16 : PACK_T;
+            for (int64_t r = 0; r < mb; r += PACK_R)
+                packed_tile_rt(mb - r < PACK_R ? mb - r : PACK_R, T, u + r * k, k, w + j * k, a->corr + j,
+                               out + (i0 + r) * n + j, n);
+        }
+    }
+}
 #endif
+
+/* w [n, k] int8 (row-major) -> wp in the VNNI-packed layout (n % 16 == 0, k % 4 == 0; wp may not alias w)
+   and corr [n] */
+void pdmix_s8pack(const int8_t *w, int64_t n, int64_t k, int8_t *wp, int32_t *corr) {
+    for (int64_t j = 0; j < n; j++) {
+        int32_t s = 0;
+        for (int64_t p = 0; p < k; p++) s += w[j * k + p];
+        corr[j] = 128 * s;
+    }
+    for (int64_t b = 0; b < n / 16; b++)
+        for (int64_t c = 0; c < k / 4; c++)
+            for (int64_t q = 0; q < 16; q++) memcpy(wp + (b * (k / 4) + c) * 64 + 4 * q, w + (16 * b + q) * k + 4 * c, 4);
+}
 
 /* Which path runs: 3 = AVX-512 VNNI (the GEMMs; the rest as AVX2), 2 = AVX2, 1 = plain C.
    PDMIX_S8GEMM_ISA=plain|avx2 caps it (the tests compare the paths). Decided once per process: every
@@ -647,14 +743,14 @@ static void quantize_row(const float *v, int64_t k, int dynamic, float input_sca
 typedef void (*avx2_part)(const struct problem *, int64_t, int64_t, int16_t *);
 typedef void (*plain_part)(const struct problem *, int64_t, int64_t);
 
-/* Columns split over `threads` threads (groups of 4), each with its own int16 buffer for the AVX2 path.
+/* Columns split over `threads` threads (groups of 4, of 16 for a packed weight), each with its own int16 buffer for the AVX2 path.
    Returns 0, or -1 if a buffer could not be allocated. */
 static int run(const struct problem *a, int threads, avx2_part avx2, plain_part plain) {
-    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1;
+    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1, align = a->corr ? 16 : 4;
     int failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
-        int64_t n0 = (n * t / parts) & ~(int64_t)3, n1 = t == parts - 1 ? n : (n * (t + 1) / parts) & ~(int64_t)3;
+        int64_t n0 = (n * t / parts) & -align, n1 = t == parts - 1 ? n : (n * (t + 1) / parts) & -align;
         if (avx2) {
             int64_t rows = a->m < MB ? a->m : MB;
             int16_t *x16 = (int16_t *)malloc((size_t)(rows * a->k) * sizeof(int16_t));
@@ -688,23 +784,27 @@ static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
 
 #ifdef PDMIX_X86
 #define AVX2_OR_NULL(fn, ok) ((ok) && pdmix_s8gemm_isa() >= 2 ? (fn) : (avx2_part)0)
-#define GEMM_PART(k) (pdmix_s8gemm_isa() == 3 ? gemm_vnni : AVX2_OR_NULL(gemm_avx2, (k) % 16 == 0))
+#define GEMM_PART(a) (pdmix_s8gemm_isa() == 3 ? ((a)->corr ? gemm_vnni_packed : gemm_vnni)                     \
+                                               : AVX2_OR_NULL(gemm_avx2, !(a)->corr && (a)->k % 16 == 0))
 #else
 #define AVX2_OR_NULL(fn, ok) ((avx2_part)0)
-#define GEMM_PART(k) ((avx2_part)0)
+#define GEMM_PART(a) ((avx2_part)0)
 #endif
 
-/* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8. Returns 0, or -1 if out of memory. */
-int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int64_t n, int64_t k, int32_t *out, int threads) {
-    struct problem a = {x, w, 0, 0, m, n, k, out, 0};
-    return run(&a, threads, GEMM_PART(k), gemm_plain);
+/* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8; w row-major (corr NULL) or VNNI-packed with its
+   corrections (pdmix_s8pack). Returns 0, or -1 if out of memory. */
+int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, const int32_t *corr, int64_t n, int64_t k,
+                 int32_t *out, int threads) {
+    struct problem a = {x, w, 0, 0, m, n, k, out, 0, corr};
+    return run(&a, threads, GEMM_PART(&a), gemm_plain);
 }
 
 /* y [m, n] (bf16 if y_bf16, else fp32) = the W8A8_MIX linear of x [m, k] (bf16 if x_bf16, else fp32):
    rows with dynamic[i] set (or, with dynamic NULL, the first n_dynamic rows) on the per-token path,
-   the others on the static one (SPEC §5). Returns 0, or -1 if out of memory. */
+   the others on the static one (SPEC §5); w and corr as pdmix_s8gemm takes them. Returns 0, or -1 if out of
+   memory. */
 int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynamic, int64_t n_dynamic,
-                      const int8_t *w, int64_t n, int64_t k, float input_scale, float input_offset,
+                      const int8_t *w, const int32_t *corr, int64_t n, int64_t k, float input_scale, float input_offset,
                       const float *deq_scale, const int32_t *quant_bias, const float *weight_scale,
                       const float *bias_float, void *y, int y_bf16, int threads) {
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
@@ -722,8 +822,8 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
             quantize_row(row, k, dynamic[i], input_scale, input_offset, q + i * k, s + i);
         }
         struct epilogue e = {dynamic, s, deq_scale, weight_scale, bias_float, quant_bias, y, y_bf16};
-        struct problem a = {q, w, 0, 0, m, n, k, acc, &e};
-        rc = run(&a, threads, GEMM_PART(k), gemm_plain);
+        struct problem a = {q, w, 0, 0, m, n, k, acc, &e, corr};
+        rc = run(&a, threads, GEMM_PART(&a), gemm_plain);
     }
     free(q); free(s); free(row); free(acc); free(rows);
     return rc;
@@ -733,6 +833,6 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
    scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if out of memory. */
 int pdmix_q8_0_gemm(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n,
                     int64_t k, float *out, int threads) {
-    struct problem a = {x, w, dx, dw, m, n, k, out, 0};
+    struct problem a = {x, w, dx, dw, m, n, k, out, 0, 0};
     return run(&a, threads, AVX2_OR_NULL(q8_gemm_avx2, 1), q8_gemm_plain);
 }

@@ -44,9 +44,17 @@ struct problem {
     const int32_t *corr; /* set: w is VNNI-packed (pdmix_s8pack), with these corrections */
 };
 
+#define PACK_T 3 /* column blocks of 16 per group of the VNNI-packed layout (see pdmix_s8pack) */
+
+/* where w[j][p] lies in the VNNI-packed layout of an [n, k] weight */
+static inline int64_t packed_at(int64_t n, int64_t k, int64_t j, int64_t p) {
+    int64_t b = j / 16, g = b / PACK_T, t = n / 16 - g * PACK_T < PACK_T ? n / 16 - g * PACK_T : PACK_T;
+    return g * PACK_T * 16 * k + ((p / 4) * t + b - g * PACK_T) * 64 + (j % 16) * 4 + p % 4;
+}
+
 /* w[j][p] of either layout */
 static inline int8_t weight_at(const struct problem *a, int64_t j, int64_t p) {
-    return a->corr ? a->w[((j / 16) * (a->k / 4) + p / 4) * 64 + (j % 16) * 4 + p % 4] : a->w[j * a->k + p];
+    return a->corr ? a->w[packed_at(a->n, a->k, j, p)] : a->w[j * a->k + p];
 }
 
 static void gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
@@ -470,16 +478,18 @@ VNNI static void gemm_vnni(const struct problem *a, int64_t n0, int64_t n1, int1
     }
 }
 
-/* ---- The VNNI-packed weight (pdmix_s8pack), for n % 16 == 0 and k % 4 == 0: column block b (columns
-   16b .. 16b+15) is k/4 chunks of 64 bytes, chunk c holding w[16b + q][4c .. 4c+3] at bytes 4q .. 4q+3.
-   One vpdpbusd of a chunk with 4 codes of a row of u broadcast adds to the 16 columns' sums at once, each
-   in its own lane: no reduction across lanes, and every loaded weight byte serves every row of the tile.
-   With corr[j] = 128 * sum_p w[j][p], sum(u * w) - corr = sum(x * w). */
+/* ---- The VNNI-packed weight (pdmix_s8pack), for n % 16 == 0 and k % 4 == 0. Columns come in blocks of 16
+   and blocks in groups of PACK_T (the last group may have fewer, t). A 64-byte chunk holds 4 codes of
+   each of a block's 16 columns, w[16b + q][4c .. 4c+3] at bytes 4q .. 4q+3, and a group is its blocks'
+   chunks interleaved, c by c: chunk c of its block i at (c t + i) 64 bytes from the group's start. One
+   vpdpbusd of a chunk with 4 codes of a row of u broadcast adds to the 16 columns' sums at once, each in
+   its own lane: no reduction across lanes, every loaded weight byte serves every row of the tile, and
+   a tile reads its group front to back as one stream. With corr[j] = 128 * sum_p w[j][p],
+   sum(u * w) - corr = sum(x * w). */
 #define PACK_R 8 /* rows of x per tile: 8 x 3 accumulators, 3 weight chunks and the broadcast fit 32 registers */
-#define PACK_T 3 /* column blocks per tile */
-#define PACK_AHEAD 2048 /* bytes prefetched ahead in each block's stream */
+#define PACK_AHEAD 4096 /* bytes prefetched (into L2) ahead of the stream: 1.2x at M = 1 over 2048 on cold weights */
 
-/* R (1-8) rows of u (row stride k) against T (1-3) blocks from blk (block stride 16 k bytes) -> out[r][16 t + q]
+/* R (1-8) rows of u (row stride k) against the T (1-3) blocks of the group at blk -> out[r][16 t + q]
    (row stride n), corrections from corr */
 VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T, const uint8_t *u, int64_t k,
                                                                    const int8_t *blk, const int32_t *corr,
@@ -487,14 +497,13 @@ VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T,
     const __m512i z = _mm512_setzero_si512();
     __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z, c32 = z;
     __m512i c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z, c62 = z, c70 = z, c71 = z, c72 = z;
-    const int64_t bs = 16 * k;
     for (int64_t p = 0; p < k; p += 4) {
-        const int8_t *b = blk + 16 * p;
+        const int8_t *b = blk + 16 * T * p;
         __m512i w0 = z, w1 = z, w2 = z;
-        _mm_prefetch((const char *)(b + PACK_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + PACK_AHEAD), _MM_HINT_T1);
         w0 = _mm512_loadu_si512(b);
-        if (T > 1) { _mm_prefetch((const char *)(b + bs + PACK_AHEAD), _MM_HINT_T0); w1 = _mm512_loadu_si512(b + bs); }
-        if (T > 2) { _mm_prefetch((const char *)(b + 2 * bs + PACK_AHEAD), _MM_HINT_T0); w2 = _mm512_loadu_si512(b + 2 * bs); }
+        if (T > 1) { _mm_prefetch((const char *)(b + 64 + PACK_AHEAD), _MM_HINT_T1); w1 = _mm512_loadu_si512(b + 64); }
+        if (T > 2) { _mm_prefetch((const char *)(b + 128 + PACK_AHEAD), _MM_HINT_T1); w2 = _mm512_loadu_si512(b + 128); }
 #define PACKED_ROW(r)                                                                                      \
         if (R > r) {                                                                                       \
             int32_t four;                                                                                  \
@@ -520,16 +529,17 @@ VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T,
 
 #define PACKED_T(R)                                                                                        \
     case R:                                                                                                \
-        if (T == 3) packed_tile(R, 3, u, k, blk, corr, out, n);                                            \
-        else if (T == 2) packed_tile(R, 2, u, k, blk, corr, out, n);                                       \
-        else packed_tile(R, 1, u, k, blk, corr, out, n);                                                   \
+        if (T == 3) packed_tile(R, 3, u, k, blk, corr, out, n);                                     \
+        else if (T == 2) packed_tile(R, 2, u, k, blk, corr, out, n);                                \
+        else packed_tile(R, 1, u, k, blk, corr, out, n);                                            \
         break;
 VNNI static void packed_tile_rt(int64_t R, int64_t T, const uint8_t *u, int64_t k, const int8_t *blk,
                                 const int32_t *corr, int32_t *out, int64_t n) {
     switch (R) { PACKED_T(8) PACKED_T(7) PACKED_T(6) PACKED_T(5) PACKED_T(4) PACKED_T(3) PACKED_T(2) PACKED_T(1) }
 }
 
-/* columns [n0, n1) of out (multiples of 16) from the packed weight; buf: the block's rows as unsigned codes */
+/* columns [n0, n1) of out (n0 a group's first column, n1 another's or n) from the packed weight; buf: the
+   block's rows as unsigned codes */
 VNNI static void gemm_vnni_packed(const struct problem *a, int64_t n0, int64_t n1, int16_t *buf) {
     const int8_t *x = a->x, *w = a->w;
     int64_t m = a->m, n = a->n, k = a->k;
@@ -538,7 +548,7 @@ VNNI static void gemm_vnni_packed(const struct problem *a, int64_t n0, int64_t n
     for (int64_t i0 = 0; i0 < m; i0 += MB) {
         int64_t mb = m - i0 < MB ? m - i0 : MB;
         to_unsigned(x + i0 * k, mb, k, u);
-        for (int64_t j = n0; j < n1; j += 16 * PACK_T) { /* the tile's blocks stay in L1/L2 across the rows */
+        for (int64_t j = n0; j < n1; j += 16 * PACK_T) { /* a group, in L1/L2 across the rows */
             int64_t T = (n1 - j) / 16 < PACK_T ? (n1 - j) / 16 : PACK_T;
             for (int64_t r = 0; r < mb; r += PACK_R)
                 packed_tile_rt(mb - r < PACK_R ? mb - r : PACK_R, T, u + r * k, k, w + j * k, a->corr + j,
@@ -556,9 +566,11 @@ void pdmix_s8pack(const int8_t *w, int64_t n, int64_t k, int8_t *wp, int32_t *co
         for (int64_t p = 0; p < k; p++) s += w[j * k + p];
         corr[j] = 128 * s;
     }
-    for (int64_t b = 0; b < n / 16; b++)
-        for (int64_t c = 0; c < k / 4; c++)
-            for (int64_t q = 0; q < 16; q++) memcpy(wp + (b * (k / 4) + c) * 64 + 4 * q, w + (16 * b + q) * k + 4 * c, 4);
+    for (int64_t b0 = 0; b0 < n / 16; b0 += PACK_T) { /* written front to back, as packed_at places them */
+        int64_t t = n / 16 - b0 < PACK_T ? n / 16 - b0 : PACK_T;
+        for (int64_t p = 0; p < k; p += 4)
+            for (int64_t j = 16 * b0; j < 16 * (b0 + t); j++, wp += 4) memcpy(wp, w + j * k + p, 4);
+    }
 }
 
 /* Which path runs: 3 = AVX-512 VNNI (the GEMMs; the rest as AVX2), 2 = AVX2, 1 = plain C.
@@ -743,14 +755,14 @@ static void quantize_row(const float *v, int64_t k, int dynamic, float input_sca
 typedef void (*avx2_part)(const struct problem *, int64_t, int64_t, int16_t *);
 typedef void (*plain_part)(const struct problem *, int64_t, int64_t);
 
-/* Columns split over `threads` threads (groups of 4, of 16 for a packed weight), each with its own int16 buffer for the AVX2 path.
+/* Columns split over `threads` threads (groups of 4, of a group's 48 for a packed weight), each with its own int16 buffer for the AVX2 path.
    Returns 0, or -1 if a buffer could not be allocated. */
 static int run(const struct problem *a, int threads, avx2_part avx2, plain_part plain) {
-    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1, align = a->corr ? 16 : 4;
+    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1, align = a->corr ? 16 * PACK_T : 4;
     int failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
-        int64_t n0 = (n * t / parts) & -align, n1 = t == parts - 1 ? n : (n * (t + 1) / parts) & -align;
+        int64_t n0 = n * t / parts / align * align, n1 = t == parts - 1 ? n : n * (t + 1) / parts / align * align;
         if (avx2) {
             int64_t rows = a->m < MB ? a->m : MB;
             int16_t *x16 = (int16_t *)malloc((size_t)(rows * a->k) * sizeof(int16_t));

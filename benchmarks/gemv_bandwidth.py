@@ -61,7 +61,7 @@ def main():
         suffix = "" if m == 1 else f"_m{m}"
         kernels["int8_gemm_decoder" + suffix] = (lambda m=m: [s8gemm.gemm(xs[m, w.shape[1]], w) for w in packed],
                                                  decoder_bytes)
-        if packed[0].corr is not None:
+        if packed[0].packed:
             kernels[f"int8_gemm_decoder{suffix}_row_major"] = (
                 lambda m=m: [s8gemm.gemm(xs[m, w.shape[1]], w) for w in weights], decoder_bytes)
     kernels |= {

@@ -181,7 +181,7 @@ def test_packed_weight_is_exact_and_keeps_one_copy(n, k):
     """The VNNI-packed weight (CPUs with AVX-512 VNNI): the same integers as int64 products summed here
     for every row count around the 8-row tile (1-17) and beyond a 64-row block, column blocks left over
     by the 3-block tile (n = 16, 32, 80), columns split over threads; in_place packs into the given
-    tensor's own storage, and either way the data holds exactly n * k codes."""
+    tensor's own storage, and either way the data holds exactly n * k codes, where the layout puts them."""
     if not s8gemm.packs(n, k):
         pytest.skip(f"an [{n}, {k}] weight stays row-major on this CPU ({s8gemm.isa()})")
     g = torch.Generator().manual_seed(n + k)
@@ -189,8 +189,14 @@ def test_packed_weight_is_exact_and_keeps_one_copy(n, k):
     w[0], w[-1, :4] = -128, 127
     packed, own = s8gemm.Int8Weight(w), w.clone()
     placed = s8gemm.Int8Weight(own, in_place=True)
-    assert packed.corr is not None and packed.data.numel() == n * k
-    assert torch.equal(packed.data, w) == (k == 4)  # one 4-byte chunk per row: the layouts coincide
+    assert packed.packed and packed.data.numel() == n * k
+    # the layout as csrc/s8gemm.c documents it: w + 128, groups of 3 blocks of 16 columns, each group its
+    # blocks' 64-byte chunks (4 codes of 16 columns) interleaved chunk by chunk
+    j, q = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    block, group = j // 16, j // 48
+    t = torch.clamp(n // 16 - group * 3, max=3)
+    at = group * 48 * k + ((q // 4) * t + block - group * 3) * 64 + (j % 16) * 4 + q % 4
+    assert torch.equal(packed.data.view(torch.uint8).reshape(-1)[at], (w.int() + 128).to(torch.uint8))
     assert placed.data.data_ptr() == own.data_ptr() and torch.equal(placed.data, packed.data)
     threads = torch.get_num_threads()
     try:

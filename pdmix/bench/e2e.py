@@ -71,7 +71,7 @@ def tensor_bytes(model) -> int:
             elif isinstance(v, w8a8_mix.W8A8Params):
                 yield from vars(v).values()
             elif isinstance(v, s8gemm.Int8Weight):
-                yield from (t for t in (v.data, v.corr) if t is not None)
+                yield v.data
 
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [t for m in model.modules() if isinstance(m, W8A8MixLinear) and m.kernel for t in kernel_tensors(m.kernel)]

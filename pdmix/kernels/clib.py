@@ -25,11 +25,11 @@ FLAGS = (["-O3", "-ffp-contract=off", "-fopenmp"], ["-O3", "-ffp-contract=off"])
 
 _p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
-    "pdmix_s8gemm": ([_p, _i64, _p, _p, _i64, _i64, _p, _int], _int),
-    "pdmix_s8pack": ([_p, _i64, _i64, _p, _p], None),
+    "pdmix_s8gemm": ([_p, _i64, _p, _int, _i64, _i64, _p, _int], _int),
+    "pdmix_s8pack": ([_p, _i64, _i64, _p], None),
     "pdmix_q8_0_gemm": ([_p, _p, _i64, _p, _p, _i64, _i64, _p, _int], _int),
     "pdmix_s8gemm_isa": ([], _int),
-    "pdmix_w8a8_linear": ([_p, _int, _i64, _p, _i64, _p, _p, _i64, _i64, _f32, _f32, _p, _p, _p, _p, _p, _int, _int], _int),
+    "pdmix_w8a8_linear": ([_p, _int, _i64, _p, _i64, _p, _int, _i64, _i64, _f32, _f32, _p, _p, _p, _p, _p, _int, _int], _int),
     "pdmix_decode_attention": ([_p, _int, _i64, _i64, _i64, _i64, _p, _p, _int, _i64, _p, _i64, _p, _f32, _p, _int], _int),
     "pdmix_bf16_linear": ([_p, _i64, _p, _i64, _i64, _p, _p, _int], None),
     "pdmix_bf16gemm_isa": ([], _int),

@@ -70,6 +70,6 @@ class CpuInt8Kernel(reference.ReferenceKernel):
             return torch.ops.pdmix.w8a8_linear(x, dynamic, *self.linear.graph_tensors(), self.out_dtype)
         q_dyn, s = reference.quantize_dynamic(x)
         q = torch.where(dynamic, q_dyn, reference.quantize_static(x, p.input_scale, p.input_offset))
-        acc = torch.ops.pdmix.s8gemm(q, self.weight.data, self.weight.corr)
+        acc = torch.ops.pdmix.s8gemm(q, self.weight.data, self.weight.packed)
         y_dyn = reference.epilogue_dynamic(acc, s, p.weight_scale, p.bias_float, self.out_dtype)
         return torch.where(dynamic, y_dyn, reference.epilogue_static(acc, p.deq_scale, p.quant_bias, self.out_dtype))

@@ -22,26 +22,24 @@ def packs(n: int, k: int) -> bool:
 
 
 class Int8Weight:
-    """A linear's int8 weight [n, k] as the GEMM reads it. Where `packs(n, k)`, its codes are VNNI-packed
-    (csrc/s8gemm.c, pdmix_s8pack: blocks of 16 columns, 4 codes of each per 64-byte chunk, one
-    vpdpbusd per chunk and row with no reduction across lanes; 1.4-2.3x the row-major GEMM at 8 and 16
-    rows here, docs/performance.md) with int32 corrections [n]; elsewhere they stay row-major. `data`
-    keeps the shape [n, k] and the element count either way: the one int8 copy.
+    """A linear's int8 weight [n, k] as the GEMM reads it. Where `packs(n, k)`, VNNI-packed (csrc/s8gemm.c,
+    pdmix_s8pack: the codes as w + 128 in blocks of 16 columns, 4 codes of each per 64-byte chunk, one
+    vpdpbusd per chunk and row of x with no reduction across lanes; 1.3-2x the row-major GEMM here,
+    docs/performance.md); elsewhere row-major, the checkpoint's codes as they are. `data` keeps the
+    shape [n, k] and the element count either way: the one int8 copy.
 
-    in_place: pack into the weight's own storage (the caller's tensor is then no longer row-major),
-    so that a weight inside a larger tensor (stacked experts) keeps its place; else a new tensor."""
+    in_place: pack into the weight's own storage (the caller's tensor then holds the packed form), so that
+    a weight inside a larger tensor (vLLM's stacked experts) keeps its place; else a new tensor."""
 
     def __init__(self, weight: torch.Tensor, pack: bool | None = None, in_place: bool = False):
         assert weight.dtype == torch.int8 and weight.dim() == 2, (weight.dtype, weight.shape)
         w = weight.contiguous()
-        (n, k), self.corr = w.shape, None
-        if pack is None:
-            pack = packs(n, k)
-        assert not pack or packs(n, k), (n, k)
-        if pack:
+        n, k = w.shape
+        self.packed = packs(n, k) if pack is None else pack
+        assert not self.packed or packs(n, k), (n, k)
+        if self.packed:
             src, self.data = (w.clone(), w) if in_place else (w, torch.empty_like(w))
-            self.corr = torch.empty(n, dtype=torch.int32)
-            library()[0].pdmix_s8pack(src.data_ptr(), n, k, self.data.data_ptr(), self.corr.data_ptr())
+            library()[0].pdmix_s8pack(src.data_ptr(), n, k, self.data.data_ptr())
         else:
             self.data = w
 
@@ -49,16 +47,13 @@ class Int8Weight:
     def shape(self) -> torch.Size:
         return self.data.shape
 
-    def pointers(self) -> tuple:
-        return self.data.data_ptr(), None if self.corr is None else self.corr.data_ptr()
 
-
-def _gemm(x_q: torch.Tensor, weight: torch.Tensor, corr: torch.Tensor | None) -> torch.Tensor:
+def _gemm(x_q: torch.Tensor, weight: torch.Tensor, packed: bool) -> torch.Tensor:
     x_q = x_q.contiguous()
     m, (n, k) = x_q.shape[0], weight.shape
     out = torch.empty((m, n), dtype=torch.int32)
-    if m and library()[0].pdmix_s8gemm(x_q.data_ptr(), m, weight.data_ptr(), None if corr is None else corr.data_ptr(),
-                                       n, k, out.data_ptr(), torch.get_num_threads()):
+    if m and library()[0].pdmix_s8gemm(x_q.data_ptr(), m, weight.data_ptr(), packed, n, k, out.data_ptr(),
+                                       torch.get_num_threads()):
         raise MemoryError(f"s8gemm: no memory for a {m} x {k} int16 buffer")
     return out
 
@@ -67,8 +62,8 @@ def gemm(x_q: torch.Tensor, weight: "torch.Tensor | Int8Weight") -> torch.Tensor
     """x_q int8 [m, k] @ weight int8 [n, k]^T as exact int32 [m, n], on torch's thread count; weight
     row-major or an Int8Weight."""
     if isinstance(weight, Int8Weight):
-        return _gemm(x_q, weight.data, weight.corr)
-    return _gemm(x_q, weight.contiguous(), None)
+        return _gemm(x_q, weight.data, weight.packed)
+    return _gemm(x_q, weight.contiguous(), False)
 
 
 def q8_0_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
@@ -89,7 +84,7 @@ LINEAR_DTYPES = (torch.bfloat16, torch.float32)  # what w8a8_linear reads and wr
 
 def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, args: tuple, out_dtype: torch.dtype,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """One pdmix_w8a8_linear call; args: (weight, corr, n, k, input_scale, input_offset, deq_scale,
+    """One pdmix_w8a8_linear call; args: (weight, packed, n, k, input_scale, input_offset, deq_scale,
     quant_bias, weight_scale, bias_float) as pointers and numbers."""
     assert x.dtype in LINEAR_DTYPES, x.dtype
     x, m, n = x.contiguous(), x.shape[0], args[2]
@@ -121,7 +116,7 @@ class W8A8Linear:
         self.vectors = (f32(deq_scale), quant_bias.to(torch.int32).reshape(-1).contiguous(), f32(weight_scale),
                         None if bias_float is None else f32(bias_float))
         self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
-        self._args = (*self.weight.pointers(), self.n, self.k, float(input_scale), float(input_offset),
+        self._args = (self.weight.data.data_ptr(), self.weight.packed, self.n, self.k, float(input_scale), float(input_offset),
                       *(None if t is None else t.data_ptr() for t in self.vectors))
 
     def __call__(self, x: torch.Tensor, n_dynamic: int = 0, dynamic: torch.Tensor | None = None,
@@ -132,16 +127,16 @@ class W8A8Linear:
 
     def graph_tensors(self) -> tuple:
         """What `pdmix::w8a8_linear` takes after x and the row mask."""
-        return (self.weight.data, self.weight.corr, self.input_scale, self.input_offset, *self.vectors)
+        return (self.weight.data, self.weight.packed, self.input_scale, self.input_offset, *self.vectors)
 
 
 @torch.library.custom_op("pdmix::w8a8_linear", mutates_args=())
-def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor, corr: torch.Tensor | None,
+def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor, packed: bool,
                    input_scale: torch.Tensor, input_offset: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor,
                    weight_scale: torch.Tensor, bias_float: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row), on
     W8A8Linear's own tensors (`graph_tensors()`: contiguous, fp32 and int32, as the C code reads them)."""
-    args = (weight.data_ptr(), None if corr is None else corr.data_ptr(), weight.shape[0], weight.shape[1],
+    args = (weight.data_ptr(), packed, weight.shape[0], weight.shape[1],
             input_scale.item(), input_offset.item(),
             deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
             None if bias_float is None else bias_float.data_ptr())
@@ -149,16 +144,16 @@ def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor,
 
 
 @w8a8_linear_op.register_fake
-def _(x, dynamic, weight, corr, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float, out_dtype):
+def _(x, dynamic, weight, packed, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float, out_dtype):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("pdmix::s8gemm", mutates_args=())
-def s8gemm_op(x_q: torch.Tensor, weight: torch.Tensor, corr: torch.Tensor | None) -> torch.Tensor:
-    """gemm() on an Int8Weight's (data, corr)."""
-    return _gemm(x_q, weight, corr)
+def s8gemm_op(x_q: torch.Tensor, weight: torch.Tensor, packed: bool) -> torch.Tensor:
+    """gemm() on an Int8Weight's (data, packed)."""
+    return _gemm(x_q, weight, packed)
 
 
 @s8gemm_op.register_fake
-def _(x_q, weight, corr):
+def _(x_q, weight, packed):
     return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=torch.int32)

@@ -41,7 +41,7 @@ struct problem {
     int64_t m, n, k;
     void *out;
     const struct epilogue *ep;
-    const int32_t *corr; /* set: w is VNNI-packed (pdmix_s8pack), with these corrections */
+    int packed; /* w is VNNI-packed (pdmix_s8pack) */
 };
 
 #define PACK_T 3 /* column blocks of 16 per group of the VNNI-packed layout (see pdmix_s8pack) */
@@ -54,7 +54,7 @@ static inline int64_t packed_at(int64_t n, int64_t k, int64_t j, int64_t p) {
 
 /* w[j][p] of either layout */
 static inline int8_t weight_at(const struct problem *a, int64_t j, int64_t p) {
-    return a->corr ? a->w[packed_at(a->n, a->k, j, p)] : a->w[j * a->k + p];
+    return a->packed ? (int8_t)(a->w[packed_at(a->n, a->k, j, p)] ^ 0x80) : a->w[j * a->k + p];
 }
 
 static void gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
@@ -478,21 +478,21 @@ VNNI static void gemm_vnni(const struct problem *a, int64_t n0, int64_t n1, int1
     }
 }
 
-/* ---- The VNNI-packed weight (pdmix_s8pack), for n % 16 == 0 and k % 4 == 0. Columns come in blocks of 16
-   and blocks in groups of PACK_T (the last group may have fewer, t). A 64-byte chunk holds 4 codes of
-   each of a block's 16 columns, w[16b + q][4c .. 4c+3] at bytes 4q .. 4q+3, and a group is its blocks'
-   chunks interleaved, c by c: chunk c of its block i at (c t + i) 64 bytes from the group's start. One
-   vpdpbusd of a chunk with 4 codes of a row of u broadcast adds to the 16 columns' sums at once, each in
-   its own lane: no reduction across lanes, every loaded weight byte serves every row of the tile, and
-   a tile reads its group front to back as one stream. With corr[j] = 128 * sum_p w[j][p],
-   sum(u * w) - corr = sum(x * w). */
+/* ---- The VNNI-packed weight (pdmix_s8pack), for n % 16 == 0 and k % 4 == 0. It holds the codes as
+   unsigned bytes, w + 128. Columns come in blocks of 16 and blocks in groups of PACK_T (the last group may
+   have fewer, t). A 64-byte chunk holds 4 codes of each of a block's 16 columns, w[16b + q][4c .. 4c+3] at
+   bytes 4q .. 4q+3, and a group is its blocks' chunks interleaved, c by c: chunk c of its block i at
+   (c t + i) 64 bytes from the group's start. One vpdpbusd of a chunk with 4 codes of a row of x
+   broadcast adds to the 16 columns' sums at once, each in its own lane: no reduction across lanes, every
+   loaded weight byte serves every row of the tile, and a tile reads its group front to back as one
+   stream. sum((w + 128) x) - 128 sum(x) = sum(w x), the row's excess counted once per row of x. */
 #define PACK_R 8 /* rows of x per tile: 8 x 3 accumulators, 3 weight chunks and the broadcast fit 32 registers */
 #define PACK_AHEAD 4096 /* bytes prefetched (into L2) ahead of the stream: 1.2x at M = 1 over 2048 on cold weights */
 
-/* R (1-8) rows of u (row stride k) against the T (1-3) blocks of the group at blk -> out[r][16 t + q]
-   (row stride n), corrections from corr */
-VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T, const uint8_t *u, int64_t k,
-                                                                   const int8_t *blk, const int32_t *corr,
+/* R (1-8) rows of x (row stride k) against the T (1-3) blocks of the group at blk -> out[r][16 t + q]
+   (row stride n), less each row's excess[r] */
+VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T, const int8_t *x, int64_t k,
+                                                                   const int8_t *blk, const int32_t *excess,
                                                                    int32_t *out, int64_t n) {
     const __m512i z = _mm512_setzero_si512();
     __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z, c32 = z;
@@ -507,69 +507,66 @@ VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T,
 #define PACKED_ROW(r)                                                                                      \
         if (R > r) {                                                                                       \
             int32_t four;                                                                                  \
-            memcpy(&four, u + r * k + p, 4);                                                               \
+            memcpy(&four, x + r * k + p, 4);                                                               \
             __m512i a = _mm512_set1_epi32(four);                                                           \
-            DP_INPLACE(c##r##0, a, w0);                                                                    \
-            if (T > 1) DP_INPLACE(c##r##1, a, w1);                                                         \
-            if (T > 2) DP_INPLACE(c##r##2, a, w2);                                                         \
+            DP_INPLACE(c##r##0, w0, a);                                                                    \
+            if (T > 1) DP_INPLACE(c##r##1, w1, a);                                                         \
+            if (T > 2) DP_INPLACE(c##r##2, w2, a);                                                         \
         }
         PACKED_ROW(0) PACKED_ROW(1) PACKED_ROW(2) PACKED_ROW(3) PACKED_ROW(4) PACKED_ROW(5) PACKED_ROW(6) PACKED_ROW(7)
     }
 #define PACKED_OUT(r)                                                                                      \
     if (R > r) {                                                                                           \
-        _mm512_storeu_si512(out + r * n, _mm512_sub_epi32(c##r##0, e0));                                   \
-        if (T > 1) _mm512_storeu_si512(out + r * n + 16, _mm512_sub_epi32(c##r##1, e1));                   \
-        if (T > 2) _mm512_storeu_si512(out + r * n + 32, _mm512_sub_epi32(c##r##2, e2));                   \
+        __m512i e = _mm512_set1_epi32(excess[r]);                                                          \
+        _mm512_storeu_si512(out + r * n, _mm512_sub_epi32(c##r##0, e));                                    \
+        if (T > 1) _mm512_storeu_si512(out + r * n + 16, _mm512_sub_epi32(c##r##1, e));                    \
+        if (T > 2) _mm512_storeu_si512(out + r * n + 32, _mm512_sub_epi32(c##r##2, e));                    \
     }
-    __m512i e0 = _mm512_loadu_si512(corr), e1 = z, e2 = z;
-    if (T > 1) e1 = _mm512_loadu_si512(corr + 16);
-    if (T > 2) e2 = _mm512_loadu_si512(corr + 32);
     PACKED_OUT(0) PACKED_OUT(1) PACKED_OUT(2) PACKED_OUT(3) PACKED_OUT(4) PACKED_OUT(5) PACKED_OUT(6) PACKED_OUT(7)
 }
 
 #define PACKED_T(R)                                                                                        \
     case R:                                                                                                \
-        if (T == 3) packed_tile(R, 3, u, k, blk, corr, out, n);                                     \
-        else if (T == 2) packed_tile(R, 2, u, k, blk, corr, out, n);                                \
-        else packed_tile(R, 1, u, k, blk, corr, out, n);                                            \
+        if (T == 3) packed_tile(R, 3, x, k, blk, excess, out, n);                                          \
+        else if (T == 2) packed_tile(R, 2, x, k, blk, excess, out, n);                                     \
+        else packed_tile(R, 1, x, k, blk, excess, out, n);                                                 \
         break;
-VNNI static void packed_tile_rt(int64_t R, int64_t T, const uint8_t *u, int64_t k, const int8_t *blk,
-                                const int32_t *corr, int32_t *out, int64_t n) {
+VNNI static void packed_tile_rt(int64_t R, int64_t T, const int8_t *x, int64_t k, const int8_t *blk,
+                                const int32_t *excess, int32_t *out, int64_t n) {
     switch (R) { PACKED_T(8) PACKED_T(7) PACKED_T(6) PACKED_T(5) PACKED_T(4) PACKED_T(3) PACKED_T(2) PACKED_T(1) }
 }
 
-/* columns [n0, n1) of out (n0 a group's first column, n1 another's or n) from the packed weight; buf: the
-   block's rows as unsigned codes */
+/* columns [n0, n1) of out (n0 a group's first column, n1 another's or n) from the packed weight; buf: room
+   for MB rows' excess */
 VNNI static void gemm_vnni_packed(const struct problem *a, int64_t n0, int64_t n1, int16_t *buf) {
     const int8_t *x = a->x, *w = a->w;
     int64_t m = a->m, n = a->n, k = a->k;
-    int32_t *out = (int32_t *)a->out;
-    uint8_t *u = (uint8_t *)buf;
+    int32_t *out = (int32_t *)a->out, *excess = (int32_t *)buf;
     for (int64_t i0 = 0; i0 < m; i0 += MB) {
         int64_t mb = m - i0 < MB ? m - i0 : MB;
-        to_unsigned(x + i0 * k, mb, k, u);
+        for (int64_t r = 0; r < mb; r++) {
+            int32_t s = 0;
+            for (int64_t p = 0; p < k; p++) s += x[(i0 + r) * k + p];
+            excess[r] = 128 * s;
+        }
         for (int64_t j = n0; j < n1; j += 16 * PACK_T) { /* a group, in L1/L2 across the rows */
             int64_t T = (n1 - j) / 16 < PACK_T ? (n1 - j) / 16 : PACK_T;
             for (int64_t r = 0; r < mb; r += PACK_R)
-                packed_tile_rt(mb - r < PACK_R ? mb - r : PACK_R, T, u + r * k, k, w + j * k, a->corr + j,
+                packed_tile_rt(mb - r < PACK_R ? mb - r : PACK_R, T, x + (i0 + r) * k, k, w + j * k, excess + r,
                                out + (i0 + r) * n + j, n);
         }
     }
 }
 #endif
 
-/* w [n, k] int8 (row-major) -> wp in the VNNI-packed layout (n % 16 == 0, k % 4 == 0; wp may not alias w)
-   and corr [n] */
-void pdmix_s8pack(const int8_t *w, int64_t n, int64_t k, int8_t *wp, int32_t *corr) {
-    for (int64_t j = 0; j < n; j++) {
-        int32_t s = 0;
-        for (int64_t p = 0; p < k; p++) s += w[j * k + p];
-        corr[j] = 128 * s;
-    }
+/* w [n, k] int8 (row-major) -> wp [n * k] in the VNNI-packed layout (n % 16 == 0, k % 4 == 0; wp may not
+   alias w) */
+void pdmix_s8pack(const int8_t *w, int64_t n, int64_t k, int8_t *wp) {
     for (int64_t b0 = 0; b0 < n / 16; b0 += PACK_T) { /* written front to back, as packed_at places them */
         int64_t t = n / 16 - b0 < PACK_T ? n / 16 - b0 : PACK_T;
         for (int64_t p = 0; p < k; p += 4)
-            for (int64_t j = 16 * b0; j < 16 * (b0 + t); j++, wp += 4) memcpy(wp, w + j * k + p, 4);
+            for (int64_t j = 16 * b0; j < 16 * (b0 + t); j++)
+                for (int q = 0; q < 4; q++) *wp++ = (int8_t)(w[j * k + p + q] ^ 0x80);
     }
 }
 
@@ -758,7 +755,7 @@ typedef void (*plain_part)(const struct problem *, int64_t, int64_t);
 /* Columns split over `threads` threads (groups of 4, of a group's 48 for a packed weight), each with its own int16 buffer for the AVX2 path.
    Returns 0, or -1 if a buffer could not be allocated. */
 static int run(const struct problem *a, int threads, avx2_part avx2, plain_part plain) {
-    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1, align = a->corr ? 16 * PACK_T : 4;
+    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1, align = a->packed ? 16 * PACK_T : 4;
     int failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
@@ -796,27 +793,27 @@ static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
 
 #ifdef PDMIX_X86
 #define AVX2_OR_NULL(fn, ok) ((ok) && pdmix_s8gemm_isa() >= 2 ? (fn) : (avx2_part)0)
-#define GEMM_PART(a) (pdmix_s8gemm_isa() == 3 ? ((a)->corr ? gemm_vnni_packed : gemm_vnni)                     \
-                                               : AVX2_OR_NULL(gemm_avx2, !(a)->corr && (a)->k % 16 == 0))
+#define GEMM_PART(a) (pdmix_s8gemm_isa() == 3 ? ((a)->packed ? gemm_vnni_packed : gemm_vnni)                   \
+                                               : AVX2_OR_NULL(gemm_avx2, !(a)->packed && (a)->k % 16 == 0))
 #else
 #define AVX2_OR_NULL(fn, ok) ((avx2_part)0)
 #define GEMM_PART(a) ((avx2_part)0)
 #endif
 
-/* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8; w row-major (corr NULL) or VNNI-packed with its
-   corrections (pdmix_s8pack). Returns 0, or -1 if out of memory. */
-int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, const int32_t *corr, int64_t n, int64_t k,
-                 int32_t *out, int threads) {
-    struct problem a = {x, w, 0, 0, m, n, k, out, 0, corr};
+/* out [m, n] int32 = x [m, k] int8 @ w [n, k]^T int8; w row-major, or VNNI-packed (pdmix_s8pack) if packed.
+   Returns 0, or -1 if out of memory. */
+int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int packed, int64_t n, int64_t k, int32_t *out,
+                 int threads) {
+    struct problem a = {x, w, 0, 0, m, n, k, out, 0, packed};
     return run(&a, threads, GEMM_PART(&a), gemm_plain);
 }
 
 /* y [m, n] (bf16 if y_bf16, else fp32) = the W8A8_MIX linear of x [m, k] (bf16 if x_bf16, else fp32):
    rows with dynamic[i] set (or, with dynamic NULL, the first n_dynamic rows) on the per-token path,
-   the others on the static one (SPEC §5); w and corr as pdmix_s8gemm takes them. Returns 0, or -1 if out of
+   the others on the static one (SPEC §5); w and packed as pdmix_s8gemm takes them. Returns 0, or -1 if out of
    memory. */
 int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynamic, int64_t n_dynamic,
-                      const int8_t *w, const int32_t *corr, int64_t n, int64_t k, float input_scale, float input_offset,
+                      const int8_t *w, int packed, int64_t n, int64_t k, float input_scale, float input_offset,
                       const float *deq_scale, const int32_t *quant_bias, const float *weight_scale,
                       const float *bias_float, void *y, int y_bf16, int threads) {
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
@@ -834,7 +831,7 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
             quantize_row(row, k, dynamic[i], input_scale, input_offset, q + i * k, s + i);
         }
         struct epilogue e = {dynamic, s, deq_scale, weight_scale, bias_float, quant_bias, y, y_bf16};
-        struct problem a = {q, w, 0, 0, m, n, k, acc, &e, corr};
+        struct problem a = {q, w, 0, 0, m, n, k, acc, &e, packed};
         rc = run(&a, threads, GEMM_PART(&a), gemm_plain);
     }
     free(q); free(s); free(row); free(acc); free(rows);

@@ -273,6 +273,23 @@ def test_whole_linear_in_c_matches_reference_on_ties(x_dtype, out_dtype, k):
     assert torch.equal(out, ref.apply(x, 0))
 
 
+def test_whole_linear_in_c_keeps_infinities():
+    """Infinite scales (a broken checkpoint) come out as the reference writes them, on both paths and in
+    every lane of the vector loops: the bf16 rounding carries nothing into an infinity's exponent."""
+    if s8gemm.library()[0] is None:
+        pytest.skip(s8gemm.library()[1])
+    p, x = tie_layer(96, 64, seed=5)
+    for t in (p.deq_scale, p.weight_scale):
+        t[::7] = float("inf")
+    ref = ReferenceKernel(p, torch.bfloat16)
+    lin = s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias, p.weight_scale,
+                            p.bias_float, torch.bfloat16)
+    for n_dynamic in (0, 9):
+        want = ref.apply(x.bfloat16(), n_dynamic)
+        assert want.isinf().any()
+        assert torch.equal(lin(x.bfloat16(), n_dynamic), want)
+
+
 def test_backend_choice_works_under_another_default_dtype():
     """vLLM's workers import pdmix while bf16 is torch's default dtype: the CPU check must not care."""
     code = ("import torch; torch.set_default_dtype(torch.bfloat16); from pdmix import kernels; "

@@ -21,6 +21,9 @@
 #define PDMIX_X86 1
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MB 64   /* rows of x per block: their int16 copy (64 x k x 2 bytes) stays in L2 */
 #define STREAM_ROWS 4 /* blocks of up to this many rows of x take the streaming GEMV */
@@ -32,6 +35,7 @@
                    hardware prefetcher to follow four of them at once (1.4x at decode here) */
 
 struct epilogue;
+struct quantize;
 
 /* One call's operands; out is int32 (s8gemm) or fp32 (q8_0, with the block scales dx, dw); ep, when
    set, turns each thread's columns of the int32 out into a linear's output (w8a8_linear). */
@@ -42,6 +46,7 @@ struct problem {
     void *out;
     const struct epilogue *ep;
     int packed; /* w is VNNI-packed (pdmix_s8pack) */
+    const struct quantize *qz; /* set: x is first made from these activations (w8a8_linear), rows split over the threads */
 };
 
 #define PACK_T 3 /* column blocks of 16 per group of the VNNI-packed layout (see pdmix_s8pack) */
@@ -676,6 +681,46 @@ __attribute__((target("avx2"))) static int64_t epilogue_avx2(const struct epilog
     return j;
 }
 
+/* epilogue_avx2 16 lanes at a time (the same operations, so the same bits) */
+VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc, int64_t i, int64_t n, int64_t j0,
+                                    int64_t j1) {
+    float *yf = (float *)e->y + i * n;
+    uint16_t *yh = (uint16_t *)e->y + i * n;
+    int dynamic = e->dynamic[i];
+    __m512 s = _mm512_set1_ps(dynamic ? e->s[i] : 0.0f);
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+        __m512i a = _mm512_loadu_si512(acc + j), u;
+        __m512 v;
+        if (dynamic) {
+            v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), s), _mm512_loadu_ps(e->weight_scale + j));
+            if (e->bias_float) v = _mm512_add_ps(v, _mm512_loadu_ps(e->bias_float + j));
+        } else {
+            a = _mm512_add_epi32(a, _mm512_loadu_si512(e->quant_bias + j));
+            v = _mm512_mul_ps(_mm512_loadu_ps(e->deq_scale + j), _mm512_cvtepi32_ps(a));
+        }
+        if (!e->y_bf16) {
+            _mm512_storeu_ps(yf + j, v);
+            continue;
+        }
+        u = _mm512_castps_si512(v); /* round to nearest even on the upper 16 bits, NaN -> 0x7fc0 */
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        u = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_srli_epi32(u, 16),
+                                    _mm512_set1_epi32(0x7fc0));
+        _mm256_storeu_si256((__m256i *)(yh + j), _mm512_cvtepi32_epi16(u));
+    }
+    return j;
+}
+
+/* row i of x, bf16, as fp32 (exact: bf16 is fp32's upper half); returns where the scalar tail starts */
+VNNI static int64_t load_bf16_avx512(const uint16_t *h, int64_t k, float *buf) {
+    int64_t p = 0;
+    for (; p + 16 <= k; p += 16)
+        _mm512_storeu_si512(buf + p, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + p))), 16));
+    return p;
+}
+
 __attribute__((target("avx2"))) static int64_t codes_avx2(const float *v, int64_t k, float div, float add, float lo,
                                                             float hi, int8_t *q) {
     __m256 d = _mm256_set1_ps(div), o = _mm256_set1_ps(add), l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
@@ -709,7 +754,8 @@ static void epilogue_columns(const struct problem *a, int64_t n0, int64_t n1) {
         const int32_t *acc = (const int32_t *)a->out + i * a->n;
         int64_t j = n0;
 #ifdef PDMIX_X86
-        if (fast()) j = epilogue_avx2(a->ep, acc, i, a->n, n0, n1);
+        if (pdmix_s8gemm_isa() == 3) j = epilogue_avx512(a->ep, acc, i, a->n, n0, n1);
+        if (fast()) j = epilogue_avx2(a->ep, acc, i, a->n, j, n1);
 #endif
         epilogue_plain(a->ep, acc, i, a->n, j, n1);
     }
@@ -719,7 +765,11 @@ static void epilogue_columns(const struct problem *a, int64_t n0, int64_t n1) {
 static void load_row(const void *x, int x_bf16, int64_t i, int64_t k, float *buf) {
     if (x_bf16) {
         const uint16_t *h = (const uint16_t *)x + i * k;
-        for (int64_t p = 0; p < k; p++) buf[p] = bf16_to_float(h[p]);
+        int64_t p = 0;
+#ifdef PDMIX_X86
+        if (pdmix_s8gemm_isa() == 3) p = load_bf16_avx512(h, k, buf);
+#endif
+        for (; p < k; p++) buf[p] = bf16_to_float(h[p]);
     } else {
         memcpy(buf, (const float *)x + i * k, (size_t)k * sizeof(float));
     }
@@ -752,25 +802,66 @@ static void quantize_row(const float *v, int64_t k, int dynamic, float input_sca
 typedef void (*avx2_part)(const struct problem *, int64_t, int64_t, int16_t *);
 typedef void (*plain_part)(const struct problem *, int64_t, int64_t);
 
-/* Columns split over `threads` threads (groups of 4, of a group's 48 for a packed weight), each with its own int16 buffer for the AVX2 path.
-   Returns 0, or -1 if a buffer could not be allocated. */
-static int run(const struct problem *a, int threads, avx2_part avx2, plain_part plain) {
-    int64_t n = a->n, parts = threads > 1 && n >= 64 * threads ? threads : 1, align = a->packed ? 16 * PACK_T : 4;
-    int failed = 0;
-#pragma omp parallel for num_threads(parts) schedule(static) reduction(| : failed) if (parts > 1)
-    for (int64_t t = 0; t < parts; t++) {
-        int64_t n0 = n * t / parts / align * align, n1 = t == parts - 1 ? n : n * (t + 1) / parts / align * align;
-        if (avx2) {
-            int64_t rows = a->m < MB ? a->m : MB;
-            int16_t *x16 = (int16_t *)malloc((size_t)(rows * a->k) * sizeof(int16_t));
-            if (!x16) { failed = 1; continue; }
-            avx2(a, n0, n1, x16);
-            free(x16);
-        } else {
-            plain(a, n0, n1);
-        }
-        if (a->ep) epilogue_columns(a, n0, n1);
+/* What pdmix_w8a8_linear quantizes: x [m, k] (bf16 if x_bf16, else fp32) into the problem's int8 x (q) and
+   the dynamic rows' scales (s) */
+struct quantize {
+    const void *x;
+    int x_bf16;
+    const uint8_t *dynamic;
+    float input_scale, input_offset;
+    int8_t *q;
+    float *s;
+};
+
+/* part t of `parts` of the rows: quantized; returns 0, or -1 without memory for a row buffer */
+static int quantize_part(const struct problem *a, int64_t t, int64_t parts) {
+    const struct quantize *z = a->qz;
+    int64_t k = a->k, i0 = a->m * t / parts, i1 = a->m * (t + 1) / parts;
+    float *row = (float *)malloc((size_t)k * sizeof(float));
+    if (!row) return -1;
+    for (int64_t i = i0; i < i1; i++) {
+        load_row(z->x, z->x_bf16, i, k, row);
+        quantize_row(row, k, z->dynamic[i], z->input_scale, z->input_offset, z->q + i * k, z->s + i);
     }
+    free(row);
+    return 0;
+}
+
+/* part t of `parts` of the columns (groups of 4, of a group's 48 for a packed weight), with its own int16
+   buffer for the AVX2 path; returns 0, or -1 without memory for it */
+static int column_part(const struct problem *a, int64_t t, int64_t parts, avx2_part avx2, plain_part plain) {
+    int64_t n = a->n, align = a->packed ? 16 * PACK_T : 4;
+    int64_t n0 = n * t / parts / align * align, n1 = t == parts - 1 ? n : n * (t + 1) / parts / align * align;
+    if (avx2) {
+        int64_t rows = a->m < MB ? a->m : MB;
+        int16_t *x16 = (int16_t *)malloc((size_t)(rows * a->k) * sizeof(int16_t));
+        if (!x16) return -1;
+        avx2(a, n0, n1, x16);
+        free(x16);
+    } else {
+        plain(a, n0, n1);
+    }
+    if (a->ep) epilogue_columns(a, n0, n1);
+    return 0;
+}
+
+/* The problem split over `threads` threads: first its rows' quantization (qz), then, once every row is
+   done, its columns. Returns 0, or -1 if a buffer could not be allocated. */
+static int run(const struct problem *a, int threads, avx2_part avx2, plain_part plain) {
+    int64_t parts = threads > 1 && a->n >= 64 * threads ? threads : 1;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(parts) reduction(| : failed) if (parts > 1)
+    {
+        int64_t t0 = omp_get_thread_num(), step = omp_get_num_threads(); /* fewer threads than parts: each takes more */
+        for (int64_t t = t0; a->qz && t < parts; t += step) failed |= quantize_part(a, t, parts);
+#pragma omp barrier
+        for (int64_t t = t0; t < parts; t += step) failed |= column_part(a, t, parts, avx2, plain);
+    }
+#else
+    for (int64_t t = 0; a->qz && t < parts; t++) failed |= quantize_part(a, t, parts);
+    for (int64_t t = 0; t < parts; t++) failed |= column_part(a, t, parts, avx2, plain);
+#endif
     return failed ? -1 : 0;
 }
 
@@ -804,7 +895,7 @@ static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
    Returns 0, or -1 if out of memory. */
 int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int packed, int64_t n, int64_t k, int32_t *out,
                  int threads) {
-    struct problem a = {x, w, 0, 0, m, n, k, out, 0, packed};
+    struct problem a = {x, w, 0, 0, m, n, k, out, 0, packed, 0};
     return run(&a, threads, GEMM_PART(&a), gemm_plain);
 }
 
@@ -817,24 +908,21 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
                       const float *deq_scale, const int32_t *quant_bias, const float *weight_scale,
                       const float *bias_float, void *y, int y_bf16, int threads) {
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
-    float *s = (float *)malloc((size_t)m * sizeof(float)), *row = (float *)malloc((size_t)k * sizeof(float));
+    float *s = (float *)malloc((size_t)m * sizeof(float));
     int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
     uint8_t *rows = dynamic ? 0 : (uint8_t *)malloc((size_t)m);
     int rc = -1;
-    if (q && s && row && acc && (dynamic || rows)) {
+    if (q && s && acc && (dynamic || rows)) {
         if (!dynamic) {
             for (int64_t i = 0; i < m; i++) rows[i] = i < n_dynamic;
             dynamic = rows;
         }
-        for (int64_t i = 0; i < m; i++) {
-            load_row(x, x_bf16, i, k, row);
-            quantize_row(row, k, dynamic[i], input_scale, input_offset, q + i * k, s + i);
-        }
+        struct quantize z = {x, x_bf16, dynamic, input_scale, input_offset, q, s};
         struct epilogue e = {dynamic, s, deq_scale, weight_scale, bias_float, quant_bias, y, y_bf16};
-        struct problem a = {q, w, 0, 0, m, n, k, acc, &e, packed};
+        struct problem a = {q, w, 0, 0, m, n, k, acc, &e, packed, &z};
         rc = run(&a, threads, GEMM_PART(&a), gemm_plain);
     }
-    free(q); free(s); free(row); free(acc); free(rows);
+    free(q); free(s); free(acc); free(rows);
     return rc;
 }
 
@@ -842,6 +930,6 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
    scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if out of memory. */
 int pdmix_q8_0_gemm(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n,
                     int64_t k, float *out, int threads) {
-    struct problem a = {x, w, dx, dw, m, n, k, out, 0, 0};
+    struct problem a = {x, w, dx, dw, m, n, k, out, 0, 0, 0};
     return run(&a, threads, AVX2_OR_NULL(q8_gemm_avx2, 1), q8_gemm_plain);
 }

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdmix.kernels import cpu_norm
 from pdmix.models.config import ModelConfig
 from pdmix.models.linear import fuse_linears
 
@@ -42,8 +43,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.float32), requires_grad=False)
         self.eps = eps
+        # True (the runtime): one C call where it runs (kernels/cpu_norm.py), its own order of the sum of
+        # squares; False: torch's ops, as the quantization pipeline's float forward (msModelSlim's) computes
+        self.in_c = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_c and cpu_norm.usable(x, self.weight):
+            if torch.compiler.is_compiling():
+                return torch.ops.pdmix.rms_norm(x, self.weight, self.bias, self.eps)
+            return cpu_norm.rms_norm(x, self.weight, self.bias, self.eps)
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * inv_rms(x32, self.eps)

@@ -13,6 +13,7 @@ from torch import nn
 from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.names import DYNAMIC_TYPE, QUANT_SUFFIXES, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
+from pdmix.kernels import cpu_norm
 from pdmix.models.arch import BY_NAME, layer_linears
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import RMSNorm, layer_norms
@@ -54,6 +55,9 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
         print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
               file=sys.stderr)
     model = CausalLM(cfg, embed, layers, norm, head).to(device)
+    for m in model.modules():  # the runtime's norms in one C call each (the quantization pipeline keeps torch's)
+        if isinstance(m, RMSNorm):
+            m.in_c = cpu_norm.available()
     if lm_head == "int8":
         model.use_int8_head()
     return model

@@ -90,7 +90,8 @@ def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, args:
     x, m, n = x.contiguous(), x.shape[0], args[2]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
-    assert out.is_contiguous() and out.dtype == out_dtype and out.shape == (m, n)
+    else:
+        assert out.is_contiguous() and out.dtype == out_dtype and out.shape == (m, n)
     if dynamic is not None and not (dynamic.dtype in (torch.bool, torch.uint8) and dynamic.is_contiguous()):
         dynamic = dynamic.to(torch.uint8).contiguous()  # bool is one byte of 0 or 1: read as it is
     if m and library()[0].pdmix_w8a8_linear(

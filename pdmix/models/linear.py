@@ -26,7 +26,7 @@ class RowSplit:
     mode: str = "pdmix"
 
     def dynamic_rows(self, total: int) -> int:
-        return {"pdmix": self.n_prefill, "dynamic": total, "static": 0}[self.mode]
+        return self.n_prefill if self.mode == "pdmix" else total if self.mode == "dynamic" else 0
 
     def dynamic_mask(self, total: int, device) -> torch.Tensor:
         """bool [total, 1]: which rows take the dynamic path (the split's form inside a compiled graph)."""
@@ -131,12 +131,13 @@ class W8A8MixLinear(nn.Module):
         if self.kernel is None:
             self.prepare()
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        if len(shape) != 2:  # the runtime's rows come flat already: a decode step's ~200 calls skip this
+            x = x.reshape(-1, shape[-1])
         if isinstance(split, torch.Tensor):
             y = self.kernel.apply_masked(x, split)
         else:
             y = self.kernel.apply(x, x.shape[0] if split is None else split.dynamic_rows(x.shape[0]))
-        return y.reshape(*shape[:-1], y.shape[-1])
+        return y if len(shape) == 2 else y.reshape(*shape[:-1], y.shape[-1])
 
 
 class W8A8DynamicLinear(W8A8MixLinear):

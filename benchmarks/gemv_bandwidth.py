@@ -8,7 +8,8 @@ cache), alternating with `torch.sum` over the same number of bytes (the read ban
 
 The int8 decoder GEMM runs on the weights as the runtime holds them (s8gemm.Int8Weight: VNNI-packed
 on CPUs with AVX-512 VNNI) and, where that differs, on the checkpoint's row-major layout too
-("..._row_major"), alternating in the same run.
+("..._row_major"), alternating in the same run; "w8a8_linear_decoder..." is the whole W8A8_MIX
+linear on bf16 rows (quantization, GEMM and epilogue in one C call, as the runtime calls it).
 
 Weights: SmolLM2-135M's decoder (30 layers of q/k/v 960x576, o 576x576, gate/up 3072x576, down
 576x1536; about 106 MB int8) and its 49152x576 lm_head (int8 Q8_0; bf16 in pdmix's C GEMM, which the
@@ -47,8 +48,14 @@ def main():
     g = torch.Generator().manual_seed(0)
     weights = [torch.randint(-127, 128, s, dtype=torch.int8, generator=g) for s in SHAPES * args.layers]
     packed = [s8gemm.Int8Weight(w) for w in weights]
+    one = torch.ones(())
+    linears = [s8gemm.W8A8Linear(w, one / 50, one * 3, torch.rand(w.shape[0], generator=g) / 1e4,
+                                 torch.randint(-999, 999, (w.shape[0],), dtype=torch.int32, generator=g),
+                                 torch.rand(w.shape[0], generator=g) / 1e3, torch.randn(w.shape[0], generator=g),
+                                 torch.bfloat16) for w in packed]
     xs = {(m, k): torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g) for k in {s[1] for s in SHAPES}
           for m in rows}
+    rows16 = {(m, k): torch.randn(m, k, generator=g).bfloat16() for m, k in xs}
     heads = 4  # lm_heads in turn, so that they come from memory
     head8 = [torch.randint(-127, 128, (49152, 576), dtype=torch.int8, generator=g) for _ in range(heads)]
     head_scales = torch.rand(49152, 576 // 32, generator=g)
@@ -61,6 +68,8 @@ def main():
         suffix = "" if m == 1 else f"_m{m}"
         kernels["int8_gemm_decoder" + suffix] = (lambda m=m: [s8gemm.gemm(xs[m, w.shape[1]], w) for w in packed],
                                                  decoder_bytes)
+        kernels["w8a8_linear_decoder" + suffix] = (lambda m=m: [lin(rows16[m, lin.k], 0) for lin in linears],
+                                                   decoder_bytes)
         if packed[0].packed:
             kernels[f"int8_gemm_decoder{suffix}_row_major"] = (
                 lambda m=m: [s8gemm.gemm(xs[m, w.shape[1]], w) for w in weights], decoder_bytes)

@@ -7,8 +7,9 @@ median tokens per CPU-second (and per second), and each variant's ratio to the f
         --batch_sizes 1,16 --rounds 3
 
 A variant is KERNEL:LM_HEAD[:compiled][:row_major]; row_major loads the cpu_int8 weights in the
-checkpoint's layout rather than VNNI-packed (PDMIX_S8GEMM_PACK=0 during its load). Prefill is timed on the batch-1 request's prompt; decode
-at batch B runs B different prompts of --prompt_len tokens (the batch-1 request is the prefill's).
+checkpoint's layout rather than VNNI-packed (PDMIX_S8GEMM_PACK=0 during its load). Prefill is timed
+on the batch-1 request's prompt; decode at batch B runs B different prompts of --prompt_len tokens
+(the batch-1 request is the prefill's).
 """
 
 import argparse

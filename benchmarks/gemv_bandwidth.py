@@ -1,8 +1,8 @@
 """How fast the decode kernels read their weights, against what one thread can read at all.
 
-Each kernel runs at M = 1 (the int8 decoder GEMM also at each of --rows) over a model's worth of distinct weights in turn (cold: they do not fit in
-cache), alternating with `torch.sum` over the same number of bytes (the read bandwidth), medians of
---rounds after a warm-up. Prints JSON: GB/s per kernel and its fraction of the read bandwidth.
+Each kernel runs at M = 1 (the int8 decoder GEMM and linear also at each of --rows) over a model's
+worth of distinct weights in turn (cold: they do not fit in cache), alternating with `torch.sum`
+over the same number of bytes (the read bandwidth), medians of --rounds after a warm-up. Prints JSON: GB/s per kernel and its fraction of the read bandwidth.
 
   python benchmarks/gemv_bandwidth.py --threads 1 --rows 1,8,16
 
@@ -39,7 +39,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--rows", default="1", help="comma-separated rows of x for the int8 decoder GEMM (decode batch sizes)")
+    p.add_argument("--rows", default="1",
+                   help="comma-separated rows of x for the int8 decoder GEMM and linear (decode batch sizes)")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     torch.set_num_threads(args.threads)

@@ -26,8 +26,8 @@ class CpuInt8Kernel(reference.ReferenceKernel):
         assert reduce is None and reduce_max is None
         self.weight = s8gemm.Int8Weight(p.weight)  # the one int8 copy, in the GEMM's layout
         # the reference's fields; its weight is this kernel's (maybe packed) codes, read only through self.weight
-        self.params, self.out_dtype, self.reduce, self.reduce_max = (W8A8Params(**dict(vars(p), weight=self.weight.data)),
-                                                                     out_dtype, None, None)
+        self.params = W8A8Params(**dict(vars(p), weight=self.weight.data))
+        self.out_dtype, self.reduce, self.reduce_max = out_dtype, None, None
         p = self.params
         self.linear = (s8gemm.W8A8Linear(self.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
                                          p.weight_scale, p.bias_float, out_dtype)

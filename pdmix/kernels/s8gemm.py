@@ -33,6 +33,7 @@ class Int8Weight:
 
     def __init__(self, weight: torch.Tensor, pack: bool | None = None, in_place: bool = False):
         assert weight.dtype == torch.int8 and weight.dim() == 2, (weight.dtype, weight.shape)
+        assert not in_place or weight.is_contiguous(), "in place: a contiguous weight (else it is a copy)"
         w = weight.contiguous()
         n, k = w.shape
         self.packed = packs(n, k) if pack is None else pack
@@ -117,8 +118,8 @@ class W8A8Linear:
         self.vectors = (f32(deq_scale), quant_bias.to(torch.int32).reshape(-1).contiguous(), f32(weight_scale),
                         None if bias_float is None else f32(bias_float))
         self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
-        self._args = (self.weight.data.data_ptr(), self.weight.packed, self.n, self.k, float(input_scale), float(input_offset),
-                      *(None if t is None else t.data_ptr() for t in self.vectors))
+        self._args = (self.weight.data.data_ptr(), self.weight.packed, self.n, self.k, float(input_scale),
+                      float(input_offset), *(None if t is None else t.data_ptr() for t in self.vectors))
 
     def __call__(self, x: torch.Tensor, n_dynamic: int = 0, dynamic: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,8 +134,9 @@ class W8A8Linear:
 
 @torch.library.custom_op("pdmix::w8a8_linear", mutates_args=())
 def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor, packed: bool,
-                   input_scale: torch.Tensor, input_offset: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor,
-                   weight_scale: torch.Tensor, bias_float: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                   input_scale: torch.Tensor, input_offset: torch.Tensor, deq_scale: torch.Tensor,
+                   quant_bias: torch.Tensor, weight_scale: torch.Tensor, bias_float: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row), on
     W8A8Linear's own tensors (`graph_tensors()`: contiguous, fp32 and int32, as the C code reads them)."""
     args = (weight.data_ptr(), packed, weight.shape[0], weight.shape[1],
@@ -145,7 +147,8 @@ def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor,
 
 
 @w8a8_linear_op.register_fake
-def _(x, dynamic, weight, packed, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float, out_dtype):
+def _(x, dynamic, weight, packed, input_scale, input_offset, deq_scale, quant_bias, weight_scale, bias_float,
+      out_dtype):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
 

@@ -130,8 +130,8 @@ class CPUInt8Kernel(_Kernel):
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, in_place: bool = False):
         super().__init__(p, out_dtype)
-        self.linear = s8gemm.W8A8Linear(s8gemm.Int8Weight(p.weight, in_place=in_place), p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
-                                        p.weight_scale, p.bias_float, out_dtype)
+        self.linear = s8gemm.W8A8Linear(s8gemm.Int8Weight(p.weight, in_place=in_place), p.input_scale, p.input_offset,
+                                        p.deq_scale, p.quant_bias, p.weight_scale, p.bias_float, out_dtype)
         self.weight = self.linear.weight.data  # the one int8 copy
         self.deq_scale, self.quant_bias, self.weight_scale, self.bias_float = self.linear.vectors
 

@@ -35,8 +35,8 @@ static float sum_squares_plain(const void *x, int bf16, int64_t k) {
 }
 
 /* y[p] for p in [p0, k) */
-static void scale_plain(const void *x, int bf16, int64_t p0, int64_t k, float inv, const void *weight, const float *bias,
-                        void *y) {
+static void scale_plain(const void *x, int bf16, int64_t p0, int64_t k, float inv, const void *weight,
+                        const float *bias, void *y) {
     for (int64_t p = p0; p < k; p++) {
         float v = element(x, bf16, p) * inv, out;
         if (bf16) {
@@ -56,15 +56,18 @@ static void scale_plain(const void *x, int bf16, int64_t p0, int64_t k, float in
 
 AVX512 static inline __m512 load16(const void *x, int bf16, int64_t p, __mmask16 m) {
     if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + p)), 16));
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + p)), 16));
     return _mm512_maskz_loadu_ps(m, (const float *)x + p);
 }
 
 /* fp32 -> bf16 bits as float_to_bf16 rounds (nearest even; NaN -> 0x7fc0), in the low 16 bits of each lane */
 AVX512 static inline __m512i round_bf16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x7fc0));
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x7fc0));
 }
 
 AVX512 static inline __m512 widen_bf16(__m512i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)); }
@@ -76,7 +79,8 @@ AVX512 static float sum_squares_avx512(const void *x, int bf16, int64_t k) {
         __m512 v = load16(x, bf16, p, m);
         acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
     }
-    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_castps512_ps256(_mm512_castpd_ps(_mm512_shuffle_f64x2(_mm512_castps_pd(acc), _mm512_castps_pd(acc), 0xee)))); /* l + l + 8 */
+    __m512 high = _mm512_castpd_ps(_mm512_shuffle_f64x2(_mm512_castps_pd(acc), _mm512_castps_pd(acc), 0xee));
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_castps512_ps256(high)); /* l + l + 8 */
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));        /* + 4 */
     __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                                        /* + 2 */
     __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));                                          /* + 1 */

@@ -46,7 +46,8 @@ struct problem {
     void *out;
     const struct epilogue *ep;
     int packed; /* w is VNNI-packed (pdmix_s8pack) */
-    const struct quantize *qz; /* set: x is first made from these activations (w8a8_linear), rows split over the threads */
+    const struct quantize *qz; /* set: x is first made from these activations (w8a8_linear), rows split over
+                                  the threads */
 };
 
 #define PACK_T 3 /* column blocks of 16 per group of the VNNI-packed layout (see pdmix_s8pack) */
@@ -717,7 +718,8 @@ VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc
 VNNI static int64_t load_bf16_avx512(const uint16_t *h, int64_t k, float *buf) {
     int64_t p = 0;
     for (; p + 16 <= k; p += 16)
-        _mm512_storeu_si512(buf + p, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + p))), 16));
+        _mm512_storeu_si512(buf + p,
+                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + p))), 16));
     return p;
 }
 

@@ -682,7 +682,8 @@ __attribute__((target("avx2"))) static int64_t epilogue_avx2(const struct epilog
     return j;
 }
 
-/* epilogue_avx2 16 lanes at a time (the same operations, so the same bits) */
+/* epilogue_avx2 16 lanes at a time (the same operations, so the same bits): 5% off SmolLM2's linears at
+   16 rows and 2 threads */
 VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc, int64_t i, int64_t n, int64_t j0,
                                     int64_t j1) {
     float *yf = (float *)e->y + i * n;

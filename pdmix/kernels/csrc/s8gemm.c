@@ -45,32 +45,21 @@ struct problem {
     int64_t m, n, k;
     void *out;
     const struct epilogue *ep;
-    int packed; /* w is VNNI-packed (pdmix_s8pack) */
+    int packed; /* w is VNNI-packed (pdmix_s8pack; only where the VNNI path runs, which alone reads it) */
     const struct quantize *qz; /* set: x is first made from these activations (w8a8_linear), rows split over
                                   the threads */
 };
 
-#define PACK_T 3 /* column blocks of 16 per group of the VNNI-packed layout (see pdmix_s8pack) */
-
-/* where w[j][p] lies in the VNNI-packed layout of an [n, k] weight */
-static inline int64_t packed_at(int64_t n, int64_t k, int64_t j, int64_t p) {
-    int64_t b = j / 16, g = b / PACK_T, t = n / 16 - g * PACK_T < PACK_T ? n / 16 - g * PACK_T : PACK_T;
-    return g * PACK_T * 16 * k + ((p / 4) * t + b - g * PACK_T) * 64 + (j % 16) * 4 + p % 4;
-}
-
-/* w[j][p] of either layout */
-static inline int8_t weight_at(const struct problem *a, int64_t j, int64_t p) {
-    return a->packed ? (int8_t)(a->w[packed_at(a->n, a->k, j, p)] ^ 0x80) : a->w[j * a->k + p];
-}
+#define PACK_T 3 /* column blocks of 16 per group of the VNNI-packed layout (see gemm_vnni_packed) */
 
 static void gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
-    const int8_t *x = a->x;
+    const int8_t *x = a->x, *w = a->w;
     int64_t m = a->m, n = a->n, k = a->k;
     int32_t *out = (int32_t *)a->out;
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = n0; j < n1; j++) {
             int32_t s = 0;
-            for (int64_t p = 0; p < k; p++) s += (int32_t)x[i * k + p] * (int32_t)weight_at(a, j, p);
+            for (int64_t p = 0; p < k; p++) s += (int32_t)x[i * k + p] * (int32_t)w[j * k + p];
             out[i * n + j] = s;
         }
 }
@@ -566,9 +555,9 @@ VNNI static void gemm_vnni_packed(const struct problem *a, int64_t n0, int64_t n
 #endif
 
 /* w [n, k] int8 (row-major) -> wp [n * k] in the VNNI-packed layout (n % 16 == 0, k % 4 == 0; wp may not
-   alias w) */
+   alias w), for CPUs where the VNNI path runs (s8gemm.packs checks) */
 void pdmix_s8pack(const int8_t *w, int64_t n, int64_t k, int8_t *wp) {
-    for (int64_t b0 = 0; b0 < n / 16; b0 += PACK_T) { /* written front to back, as packed_at places them */
+    for (int64_t b0 = 0; b0 < n / 16; b0 += PACK_T) { /* group by group, chunk by chunk, block by block */
         int64_t t = n / 16 - b0 < PACK_T ? n / 16 - b0 : PACK_T;
         for (int64_t p = 0; p < k; p += 4)
             for (int64_t j = 16 * b0; j < 16 * (b0 + t); j++)
@@ -888,7 +877,7 @@ static void q8_gemm_plain(const struct problem *a, int64_t n0, int64_t n1) {
 #ifdef PDMIX_X86
 #define AVX2_OR_NULL(fn, ok) ((ok) && pdmix_s8gemm_isa() >= 2 ? (fn) : (avx2_part)0)
 #define GEMM_PART(a) (pdmix_s8gemm_isa() == 3 ? ((a)->packed ? gemm_vnni_packed : gemm_vnni)                   \
-                                               : AVX2_OR_NULL(gemm_avx2, !(a)->packed && (a)->k % 16 == 0))
+                                               : AVX2_OR_NULL(gemm_avx2, (a)->k % 16 == 0))
 #else
 #define AVX2_OR_NULL(fn, ok) ((avx2_part)0)
 #define GEMM_PART(a) ((avx2_part)0)

@@ -55,21 +55,10 @@ static void scale_plain(const void *x, int bf16, int64_t p0, int64_t k, float in
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 AVX512 static inline __m512 load16(const void *x, int bf16, int64_t p, __mmask16 m) {
-    if (bf16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + p)), 16));
-    return _mm512_maskz_loadu_ps(m, (const float *)x + p);
+    return bf16 ? bf16x16_load((const uint16_t *)x + p, m) : _mm512_maskz_loadu_ps(m, (const float *)x + p);
 }
 
-/* fp32 -> bf16 bits as float_to_bf16 rounds (nearest even; NaN -> 0x7fc0), in the low 16 bits of each lane */
-AVX512 static inline __m512i round_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x7fc0));
-}
-
+/* a bf16 lane's value again as fp32 */
 AVX512 static inline __m512 widen_bf16(__m512i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)); }
 
 AVX512 static float sum_squares_avx512(const void *x, int bf16, int64_t k) {
@@ -95,9 +84,9 @@ AVX512 static int64_t scale_avx512(const void *x, int bf16, int64_t k, float inv
     for (; p + 16 <= k; p += 16) {
         __m512 v = _mm512_mul_ps(load16(x, bf16, p, 0xffff), s);
         if (bf16) {
-            __m512 out = _mm512_mul_ps(widen_bf16(round_bf16(v)), load16(weight, 1, p, 0xffff));
-            if (bias) out = _mm512_add_ps(widen_bf16(round_bf16(out)), _mm512_loadu_ps(bias + p));
-            _mm256_storeu_si256((__m256i *)((uint16_t *)y + p), _mm512_cvtepi32_epi16(round_bf16(out)));
+            __m512 out = _mm512_mul_ps(widen_bf16(bf16x16_round(v)), load16(weight, 1, p, 0xffff));
+            if (bias) out = _mm512_add_ps(widen_bf16(bf16x16_round(out)), _mm512_loadu_ps(bias + p));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)y + p), _mm512_cvtepi32_epi16(bf16x16_round(out)));
         } else {
             __m512 out = _mm512_mul_ps(v, _mm512_loadu_ps((const float *)weight + p));
             if (bias) out = _mm512_add_ps(out, _mm512_loadu_ps(bias + p));

@@ -681,7 +681,7 @@ VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc
     __m512 s = _mm512_set1_ps(dynamic ? e->s[i] : 0.0f);
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16) {
-        __m512i a = _mm512_loadu_si512(acc + j), u;
+        __m512i a = _mm512_loadu_si512(acc + j);
         __m512 v;
         if (dynamic) {
             v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), s), _mm512_loadu_ps(e->weight_scale + j));
@@ -694,12 +694,7 @@ VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc
             _mm512_storeu_ps(yf + j, v);
             continue;
         }
-        u = _mm512_castps_si512(v); /* round to nearest even on the upper 16 bits, NaN -> 0x7fc0 */
-        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-        u = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_srli_epi32(u, 16),
-                                    _mm512_set1_epi32(0x7fc0));
-        _mm256_storeu_si256((__m256i *)(yh + j), _mm512_cvtepi32_epi16(u));
+        _mm256_storeu_si256((__m256i *)(yh + j), _mm512_cvtepi32_epi16(bf16x16_round(v)));
     }
     return j;
 }
@@ -707,9 +702,7 @@ VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc
 /* row i of x, bf16, as fp32 (exact: bf16 is fp32's upper half); returns where the scalar tail starts */
 VNNI static int64_t load_bf16_avx512(const uint16_t *h, int64_t k, float *buf) {
     int64_t p = 0;
-    for (; p + 16 <= k; p += 16)
-        _mm512_storeu_si512(buf + p,
-                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(h + p))), 16));
+    for (; p + 16 <= k; p += 16) _mm512_storeu_ps(buf + p, bf16x16_load(h + p, 0xffff));
     return p;
 }
 

@@ -13,7 +13,6 @@ from pdmix.bench.common import log, sig
 from pdmix.bench.linear import linear_shapes
 from pdmix.bench.machine import current_rss, free_memory, peak_memory, reset_peak_memory
 from pdmix.errors import PdmixError
-from pdmix.kernels import s8gemm
 from pdmix.schemes import w8a8_mix
 from pdmix.synth import shape_arch
 
@@ -70,8 +69,6 @@ def tensor_bytes(model) -> int:
                 yield v
             elif isinstance(v, w8a8_mix.W8A8Params):
                 yield from vars(v).values()
-            elif isinstance(v, s8gemm.Int8Weight):
-                yield v.data
 
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [t for m in model.modules() if isinstance(m, W8A8MixLinear) and m.kernel for t in kernel_tensors(m.kernel)]

@@ -5,6 +5,7 @@ whole sequence: prompt rows on the dynamic path, the rest on the static path (wh
 prefill then decode steps must compute, row for row).
 """
 
+import contextlib
 import json
 import shutil
 
@@ -15,6 +16,8 @@ from safetensors.torch import save_file
 from builders import build_w8a8_checkpoint
 from spec_reference import Reference, assert_close
 from pdmix import LLM, SamplingParams
+from pdmix.kernels import arena
+from pdmix.models.linear import W8A8MixLinear
 from pdmix.runtime.scheduler import Sequence
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10]
@@ -162,3 +165,24 @@ def test_checkpoint_from_the_pdmix_quantizer(tiny_models, small_calib, tmp_path)
     assert (ck / "quant_model_weight_w8a8_mix.safetensors.index.json").exists()  # sharded
     tokens, logits = generate(LLM(ck, block_size=4))
     assert_close(logits, Reference(ck).forward(PROMPT + tokens[:-1], len(PROMPT))[len(PROMPT) - 1:])
+
+
+def test_weights_lie_in_one_aligned_block_and_compute_as_loaded_apart(checkpoints, monkeypatch):
+    """On CPU the loader places every weight in one arena (kernels/arena.py): the parameters (a float
+    layer, norms, tied embeddings) and the int8 kernels' codes 64-byte aligned in one storage. The
+    engine computes the same bits as with each tensor where the checkpoint reader put it."""
+    ck = checkpoints("llama", tie=True, float_layers=("model.layers.1.mlp.down_proj",))
+    llm = LLM(ck, block_size=4)
+    model = llm.engine.model
+    weights = list(model.parameters()) + [m.kernel.weight.data for m in model.modules()
+                                          if isinstance(m, W8A8MixLinear) and hasattr(m.kernel, "weight")]
+    assert len(weights) > 10
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    assert all(w.data_ptr() % arena.ALIGN == 0 for w in weights)
+    tokens, logits = generate(llm)
+
+    monkeypatch.setattr(arena, "opened", lambda nbytes: contextlib.nullcontext())
+    apart = LLM(ck, block_size=4)
+    assert len({p.untyped_storage().data_ptr() for p in apart.engine.model.parameters()}) > 1
+    tokens2, logits2 = generate(apart)
+    assert tokens2 == tokens and torch.equal(logits2, logits)

@@ -72,8 +72,10 @@ def tensor_bytes(model) -> int:
 
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [t for m in model.modules() if isinstance(m, W8A8MixLinear) and m.kernel for t in kernel_tensors(m.kernel)]
-    storages = {t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors if not t.is_mkldnn}
-    return sum(storages.values()) + sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
+    # by where each tensor starts: one tensor under two names (tied embeddings, a kernel's view of its
+    # weight) counts once, tensors side by side in one storage (kernels/arena.py) each count
+    spans = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if not t.is_mkldnn}
+    return sum(spans.values()) + sum(t.numel() * t.element_size() for t in tensors if t.is_mkldnn)
 
 
 def load_engine(folder: Path, s: dict, device: torch.device, kernel: str | None, compile: bool = False,

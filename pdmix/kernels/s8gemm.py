@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from pdmix.kernels import arena
 from pdmix.kernels.clib import isa, library  # noqa: F401  (what callers ask of this module)
 
 
@@ -29,7 +30,8 @@ class Int8Weight:
     shape [n, k] and the element count either way: the one int8 copy.
 
     in_place: pack into the weight's own storage (the caller's tensor then holds the packed form), so that
-    a weight inside a larger tensor (vLLM's stacked experts) keeps its place; else a new tensor."""
+    a weight inside a larger tensor (vLLM's stacked experts) keeps its place; else a new tensor, in the
+    open arena when the loader has one (kernels/arena.py), the row-major codes copied there too."""
 
     def __init__(self, weight: torch.Tensor, pack: bool | None = None, in_place: bool = False):
         assert weight.dtype == torch.int8 and weight.dim() == 2, (weight.dtype, weight.shape)
@@ -39,10 +41,10 @@ class Int8Weight:
         self.packed = packs(n, k) if pack is None else pack
         assert not self.packed or packs(n, k), (n, k)
         if self.packed:
-            src, self.data = (w.clone(), w) if in_place else (w, torch.empty_like(w))
+            src, self.data = (w.clone(), w) if in_place else (w, arena.empty(w.shape, w.dtype))
             library()[0].pdmix_s8pack(src.data_ptr(), n, k, self.data.data_ptr())
         else:
-            self.data = w
+            self.data = w if in_place else arena.place(w)
 
     @property
     def shape(self) -> torch.Size:

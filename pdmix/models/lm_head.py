@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdmix.kernels import reference, s8gemm
+from pdmix.kernels import arena, reference, s8gemm
 
 BLOCK = 32
 
@@ -31,7 +31,7 @@ class Int8Head(nn.Module):
         super().__init__()
         n, k = weight.shape
         self.pad = -k % BLOCK
-        q, d = torch.empty((n, k + self.pad), dtype=torch.int8), torch.empty((n, (k + self.pad) // BLOCK), dtype=torch.float32)
+        q, d = arena.empty((n, k + self.pad), torch.int8), arena.empty((n, (k + self.pad) // BLOCK), torch.float32)
         for r in range(0, n, rows_per_chunk):  # bounded fp32 temporaries
             q[r:r + rows_per_chunk], d[r:r + rows_per_chunk] = quantize_blocks(self.padded(weight[r:r + rows_per_chunk].cpu()))
         self.register_buffer("weight", q.to(weight.device))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmix.errors import PdmixError
-from pdmix.kernels import cpu_attention
+from pdmix.kernels import arena, cpu_attention
 
 
 class BlockAllocator:
@@ -49,12 +49,16 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
+        k_shape, v_shape = (num_blocks, kv_heads, head_dim, block_size), (num_blocks, kv_heads, block_size, head_dim)
         # zeros, not empty: decode attention reads whole blocks and masks the unwritten tail, which must
-        # hold finite values (0 * NaN would leak into the output)
-        self.k = [torch.zeros((num_blocks, kv_heads, head_dim, block_size), dtype=dtype, device=device)
-                  for _ in range(num_layers)]
-        self.v = [torch.zeros((num_blocks, kv_heads, block_size, head_dim), dtype=dtype, device=device)
-                  for _ in range(num_layers)]
+        # hold finite values (0 * NaN would leak into the output). On CPU in one huge-page block, as the weights.
+        if torch.device(device).type == "cpu":
+            with arena.opened(arena.bytes_for([(dtype, k_shape), (dtype, v_shape)] * num_layers)):
+                self.k = [arena.empty(k_shape, dtype).zero_() for _ in range(num_layers)]
+                self.v = [arena.empty(v_shape, dtype).zero_() for _ in range(num_layers)]
+        else:
+            self.k = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     def write(self, layer: int, slots: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:

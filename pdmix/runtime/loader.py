@@ -6,6 +6,7 @@ FLOAT (or a float checkpoint) -> FloatLinear. Every bias the files carry is appl
 """
 
 import sys
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from pdmix.format.description import is_quant_checkpoint, read_description
 from pdmix.format.names import DYNAMIC_TYPE, QUANT_SUFFIXES, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.kernels import cpu_norm
+from pdmix.kernels import arena, cpu_norm
 from pdmix.models.arch import BY_NAME, layer_linears
 from pdmix.models.config import ModelConfig
 from pdmix.models.layers import RMSNorm, layer_norms
@@ -35,32 +36,54 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     reader = SafetensorsFolder(cfg.folder, quantized)
     types = read_description(cfg.folder)[1] if quantized else {}
     get = tensor_getter(reader, cfg.dtype)
-    layers = []
-    for i in range(cfg.num_layers):
-        norms = layer_norms(cfg, i, get, reader.__contains__)
-        make = lambda prefix: build_linear(cfg, get, reader, types, prefix, tp)
-        layer = decoder_layer(cfg, i, make, get, norms, tp.size).fuse().to(device)
-        prepare_kernels(layer, kernel)  # layer by layer: prepacking copies a weight, so one layer's copy at a time
-        layers.append(layer)
-    embed = get("model.embed_tokens.weight").to(device)
-    tied = cfg.tie_word_embeddings and "lm_head.weight" not in reader
-    head = embed if tied else get("lm_head.weight").to(device)
-    norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
-    norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
-    reader.release()  # every tensor is a copy now: unmap the files, so their pages stop counting as ours
+    # on CPU every weight goes into one aligned, huge-page block, layer after layer (kernels/arena.py)
+    with arena.opened(arena_bytes(reader, cfg, lm_head)) if torch.device(device).type == "cpu" else nullcontext():
+        layers = []
+        for i in range(cfg.num_layers):
+            norms = layer_norms(cfg, i, get, reader.__contains__)
+            make = lambda prefix: build_linear(cfg, get, reader, types, prefix, tp)
+            layer = decoder_layer(cfg, i, make, get, norms, tp.size).fuse().to(device)
+            prepare_kernels(layer, kernel)  # layer by layer: prepacking copies a weight, so one layer's copy at a time
+            arena.place_parameters(layer)
+            layers.append(layer)
+        embed = arena.place(get("model.embed_tokens.weight").to(device))
+        tied = cfg.tie_word_embeddings and "lm_head.weight" not in reader
+        head = embed if tied else arena.place(get("lm_head.weight").to(device))
+        norm_bias = get("model.norm.bias") if "model.norm.bias" in reader else None
+        norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps, norm_bias).to(device)
+        arena.place_parameters(norm)
+        reader.release()  # every tensor is a copy now: unmap the files, so their pages stop counting as ours
+        model = CausalLM(cfg, embed, layers, norm, head).to(device)
+        if lm_head == "int8":
+            model.use_int8_head()
+    for m in model.modules():  # the runtime's norms in one C call each (the quantization pipeline keeps torch's)
+        if isinstance(m, RMSNorm):
+            m.in_c = cpu_norm.available()
     if tp.is_main:
         prefixes = [p for i in range(cfg.num_layers) for p, _ in layer_linears(cfg, i)]
         n_quant = sum(types.get(p + ".weight") in (QUANT_TYPE, DYNAMIC_TYPE) for p in prefixes)
         kind = f"W8A8_MIX, {n_quant} of {len(prefixes)} linears quantized" if quantized else "float"
         print(f"pdmix: loaded {cfg.arch} ({kind}) from {cfg.folder}" + (f", tensor parallel {tp.size}" if tp.size > 1 else ""),
               file=sys.stderr)
-    model = CausalLM(cfg, embed, layers, norm, head).to(device)
-    for m in model.modules():  # the runtime's norms in one C call each (the quantization pipeline keeps torch's)
-        if isinstance(m, RMSNorm):
-            m.in_c = cpu_norm.available()
-    if lm_head == "int8":
-        model.use_int8_head()
     return model
+
+
+STORED_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def arena_bytes(reader: SafetensorsFolder, cfg: ModelConfig, lm_head: str) -> int:
+    """An upper bound on what the loader places in the arena: every stored tensor (float ones at the
+    wider of their stored and the model's dtype), and the int8 lm_head's codes and block scales."""
+    tensors = []
+    for name in reader.names():
+        dtype, shape = reader.meta(name)
+        size = STORED_BYTES.get(dtype, 8)
+        if dtype in ("BF16", "F16", "F32", "F64"):
+            size = max(size, cfg.dtype.itemsize)
+        tensors.append((torch.uint8, [size, *shape]))
+    if lm_head == "int8":
+        tensors.append((torch.uint8, [cfg.vocab_size, cfg.hidden_size + 32, 2]))  # codes, padded, and scales
+    return arena.bytes_for(tensors)
 
 
 def tensor_getter(reader: SafetensorsFolder, dtype: torch.dtype):

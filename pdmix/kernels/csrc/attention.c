@@ -47,19 +47,15 @@ static void block_scores_plain(const float *q, int64_t G, int64_t D, const void 
         }
 }
 
-/* o[j][d] = sum_t e[j * stride + t] * v[t][d] for d in [d0, D), over the tokens of the group's
-   blocks in token order */
-static void weighted_values_plain(const float *e, int64_t G, int64_t D, const void *vc, int bf16, int64_t KV,
-                                  int64_t g, int64_t block, const int64_t *table, int64_t len, int64_t stride,
-                                  int64_t d0, float *o) {
+/* One block's part of o[j][d] = sum_t e[j * stride + t] * v[t][d], d in [d0, D): the block's n tokens
+   added in order to the running sums in o (v: the block's values [block, D] of one kv head). Blocks
+   are added in table order, so each sum runs token by token over the whole sequence. */
+static void block_values_plain(const float *e, int64_t G, int64_t D, const void *v, int bf16, int64_t n,
+                               int64_t stride, int64_t d0, float *o) {
     for (int64_t j = 0; j < G; j++)
         for (int64_t d = d0; d < D; d++) {
-            float acc = 0.0f;
-            for (int64_t b = 0; b * block < len; b++) {
-                int64_t v = (table[b] * KV + g) * block * D + d; /* [block, D] */
-                int64_t n = len - b * block < block ? len - b * block : block;
-                for (int64_t u = 0; u < n; u++) acc += e[j * stride + b * block + u] * kv_at(vc, bf16, v + u * D);
-            }
+            float acc = o[j * D + d];
+            for (int64_t u = 0; u < n; u++) acc += e[j * stride + u] * kv_at(v, bf16, u * D + d);
             o[j * D + d] = acc;
         }
 }
@@ -143,61 +139,55 @@ AVX2 static void block_scores_bf16(const float *q, int64_t G, int64_t D, const v
     block_scores_avx2(q, G, D, k, 1, block, n, s, stride);
 }
 
-/* o[j][d] for dimensions [d0, d0 + 8 * W) of one head j, W (1-8) groups of 8 lanes at once */
-AVX2 static inline __attribute__((always_inline)) void values_tile(const float *e, int64_t D, const void *vc,
-                                                                    int BF, int64_t KV, int64_t g, int64_t block,
-                                                                    const int64_t *table, int64_t len, int64_t d0,
-                                                                    int W, float *o) {
+/* block_values_plain for dimensions [d0, d0 + 8 * W) of one head, W (1-8) groups of 8 lanes at once */
+AVX2 static inline __attribute__((always_inline)) void values_tile(const float *e, int64_t D, const void *v, int BF,
+                                                                    int64_t n, int64_t d0, int W, float *o) {
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-    for (int64_t b = 0; b * block < len; b++) {
-        int64_t v = (table[b] * KV + g) * block * D + d0; /* [block, D] */
-        int64_t n = len - b * block < block ? len - b * block : block;
-        const float *eb = e + b * block;
-        for (int64_t u = 0; u < n; u++) {
-            __m256 et = _mm256_set1_ps(eb[u]);
-            int64_t vu = v + u * D;
-#define DIM(w) if (W > w) MADD8(c##w, et, load8(vc, BF, vu + w * LANES));
-            DIM(0) DIM(1) DIM(2) DIM(3) DIM(4) DIM(5) DIM(6) DIM(7)
+#define IN(w) if (W > w) c##w = _mm256_loadu_ps(o + d0 + w * LANES);
+    IN(0) IN(1) IN(2) IN(3) IN(4) IN(5) IN(6) IN(7)
+#undef IN
+    for (int64_t u = 0; u < n; u++) {
+        __m256 et = _mm256_set1_ps(e[u]);
+        int64_t vu = u * D + d0;
+#define DIM(w) if (W > w) MADD8(c##w, et, load8(v, BF, vu + w * LANES));
+        DIM(0) DIM(1) DIM(2) DIM(3) DIM(4) DIM(5) DIM(6) DIM(7)
 #undef DIM
-        }
     }
 #define OUT(w) if (W > w) _mm256_storeu_ps(o + d0 + w * LANES, c##w);
     OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5) OUT(6) OUT(7)
 #undef OUT
 }
 
-AVX2 static inline __attribute__((always_inline)) void weighted_values_avx2(const float *e, int64_t G, int64_t D,
-                                                                             const void *vc, int BF, int64_t KV,
-                                                                             int64_t g, int64_t block,
-                                                                             const int64_t *table, int64_t len,
-                                                                             int64_t stride, float *o) {
+AVX2 static inline __attribute__((always_inline)) void block_values_avx2(const float *e, int64_t G, int64_t D,
+                                                                          const void *v, int BF, int64_t n,
+                                                                          int64_t stride, float *o) {
     int64_t groups = D / LANES;
     for (int64_t j = 0; j < G; j++)
         for (int64_t d0 = 0, left = groups; left > 0; d0 += 8 * LANES, left -= 8) {
             const float *ej = e + j * stride;
             float *oj = o + j * D;
             switch (left < 8 ? left : 8) {
-            case 8: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 8, oj); break;
-            case 7: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 7, oj); break;
-            case 6: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 6, oj); break;
-            case 5: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 5, oj); break;
-            case 4: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 4, oj); break;
-            case 3: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 3, oj); break;
-            case 2: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 2, oj); break;
-            default: values_tile(ej, D, vc, BF, KV, g, block, table, len, d0, 1, oj); break;
+            case 8: values_tile(ej, D, v, BF, n, d0, 8, oj); break;
+            case 7: values_tile(ej, D, v, BF, n, d0, 7, oj); break;
+            case 6: values_tile(ej, D, v, BF, n, d0, 6, oj); break;
+            case 5: values_tile(ej, D, v, BF, n, d0, 5, oj); break;
+            case 4: values_tile(ej, D, v, BF, n, d0, 4, oj); break;
+            case 3: values_tile(ej, D, v, BF, n, d0, 3, oj); break;
+            case 2: values_tile(ej, D, v, BF, n, d0, 2, oj); break;
+            default: values_tile(ej, D, v, BF, n, d0, 1, oj); break;
             }
         }
-    weighted_values_plain(e, G, D, vc, BF, KV, g, block, table, len, stride, groups * LANES, o); /* the last dimensions */
+    block_values_plain(e, G, D, v, BF, n, stride, groups * LANES, o); /* the last dimensions */
 }
 
-AVX2 static void weighted_values_f32(const float *e, int64_t G, int64_t D, const void *vc, int64_t KV, int64_t g,
-                                     int64_t block, const int64_t *table, int64_t len, int64_t stride, float *o) {
-    weighted_values_avx2(e, G, D, vc, 0, KV, g, block, table, len, stride, o);
+AVX2 static void block_values_f32(const float *e, int64_t G, int64_t D, const void *v, int64_t n, int64_t stride,
+                                  float *o) {
+    block_values_avx2(e, G, D, v, 0, n, stride, o);
 }
 
-AVX2 static void weighted_values_bf16(const float *e, int64_t G, int64_t D, const void *vc, int64_t KV, int64_t g,
-                                      int64_t block, const int64_t *table, int64_t len, int64_t stride, float *o) {
-    weighted_values_avx2(e, G, D, vc, 1, KV, g, block, table, len, stride, o);
+AVX2 static void block_values_bf16(const float *e, int64_t G, int64_t D, const void *v, int64_t n, int64_t stride,
+                                   float *o) {
+    block_values_avx2(e, G, D, v, 1, n, stride, o);
 }
 #endif
 
@@ -290,49 +280,88 @@ static float softmax_numerators(float *s, int64_t len, float scale, int fast) {
     return softmax_plain(s, len, scale);
 }
 
-/* A kv head's keys (or values) of one block, D * block values (4 KB in fp32 for D 64, block 16), lie far from
-   the next block's, each about a page, where the hardware prefetcher stops: 4 GB/s from memory here.
-   The keys and values of the block AHEAD_BLOCKS ahead are fetched by hand into L2 (into L1 the
-   prefetches queue behind its few outstanding misses): 12-14 GB/s, the values found in L2 when
-   their pass comes. */
-#define AHEAD_BLOCKS 4
-static void prefetch(const void *p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
+/* Both passes walk the blocks in table order, each block's kv heads in turn: a walk of (block, head)
+   pieces of D * block values each (16 KB in bf16 for D 64, block 128), the keys' then the values'. Table
+   order can jump between blocks, where the hardware prefetcher stops, and a piece of keys is read rows a
+   stride apart; so the piece AHEAD_PIECES ahead is fetched into L2 by hand (into L1 the prefetches queue
+   behind its few outstanding misses), a slice per SLICE tokens computed: fetched all at once, a large
+   block's prefetches stalled the loads behind them (cold, 30 layers of SmolLM2 at 512 tokens: 74 -> 65 us
+   a layer at block 128 whole, 53 -> 37 us at block 16). */
+#ifndef AHEAD_PIECES
+#define AHEAD_PIECES 2
+#endif
+#define SLICE 16
+struct walk {
+    const void *kc, *vc;
+    const int64_t *table;
+    int64_t KV, g0, heads, pieces, span, slices; /* heads: g1 - g0; pieces: blocks * heads, per pass */
+    int bf16;
+};
+
+/* at: the piece being computed; slice: its part [slice * SLICE, slice * SLICE + SLICE) of the block */
+static void fetch_ahead(const struct walk *w, int64_t at, int64_t slice) {
+    int64_t p = at + AHEAD_PIECES, bytes = w->span * (w->bf16 ? 2 : 4) / w->slices;
+    if (p >= 2 * w->pieces) return;
+    const void *c = p < w->pieces ? w->kc : w->vc;
+    p %= w->pieces;
+    const char *start = (const char *)kv_ptr(c, w->bf16, (w->table[p / w->heads] * w->KV + w->g0 + p % w->heads) * w->span);
+    for (int64_t i = slice * bytes; i < (slice + 1) * bytes; i += 64) __builtin_prefetch(start + i, 0, 2);
 }
 
-/* One (sequence, kv head): its G query heads q [G, D] against the kv head's len tokens -> o [G, D].
-   scores: G * stride floats, stride >= len. */
-static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t g, const void *kc,
-                       const void *vc, int bf16, int64_t block, const int64_t *table, int64_t len, float scale,
-                       float *scores, int64_t stride, float *o) {
+/* One sequence's kv heads [g0, g1) (G query heads each): q [(g1 - g0) * G, D] -> o, the same shape, and
+   den, one per query head; scores: (g1 - g0) * G * stride floats, stride >= len. Each head's sums run in
+   the order the file's header gives, whichever heads share the call. */
+static void sequence_heads(const float *q, int64_t G, int64_t D, int64_t KV, int64_t g0, int64_t g1, const void *kc,
+                           const void *vc, int bf16, int64_t block, const int64_t *table, int64_t len, float scale,
+                           float *scores, int64_t stride, float *o, float *den) {
     int fast = 0;
 #ifdef PDMIX_X86
     fast = pdmix_s8gemm_isa() >= 2;
 #endif
-    int64_t span = D * block; /* elements of one (block, kv head) */
-    for (int64_t b = 0; b * block < len; b++) {
-        const void *k = kv_ptr(kc, bf16, (table[b] * KV + g) * span); /* [D, block] */
-        int64_t n = len - b * block < block ? len - b * block : block;
-        for (int64_t a = b ? b + AHEAD_BLOCKS : 0; a <= b + AHEAD_BLOCKS && a * block < len; a++) {
-            prefetch(kv_ptr(kc, bf16, (table[a] * KV + g) * span), span * (bf16 ? 2 : 4));
-            prefetch(kv_ptr(vc, bf16, (table[a] * KV + g) * span), span * (bf16 ? 2 : 4)); /* for the values pass */
-        }
+    int64_t span = D * block, heads = (g1 - g0) * G, blocks = (len + block - 1) / block;
+    int64_t slices = block % SLICE ? 1 : block / SLICE, width = block / slices; /* tokens per slice */
+    struct walk w = {kc, vc, table, KV, g0, g1 - g0, blocks * (g1 - g0), span, slices, bf16};
+    for (int64_t p = -AHEAD_PIECES; p < 0; p++)
+        for (int64_t i = 0; i < slices; i++) fetch_ahead(&w, p, i);
+    for (int64_t b = 0; b < blocks; b++) /* the keys: scores */
+        for (int64_t g = g0; g < g1; g++) {
+            const void *k = kv_ptr(kc, bf16, (table[b] * KV + g) * span); /* [D, block] */
+            const float *qg = q + (g - g0) * G * D;
+            float *s = scores + (g - g0) * G * stride + b * block;
+            for (int64_t i = 0, t = 0; i < slices; i++, t += width) {
+                fetch_ahead(&w, b * w.heads + g - g0, i);
+                int64_t n = len - b * block - t < width ? len - b * block - t : width;
+                if (n <= 0) continue;
 #ifdef PDMIX_X86
-        if (fast) {
-            (bf16 ? block_scores_bf16 : block_scores_f32)(q, G, D, k, block, n, scores + b * block, stride);
-            continue;
+                if (fast) {
+                    (bf16 ? block_scores_bf16 : block_scores_f32)(qg, G, D, kv_ptr(k, bf16, t), block, n, s + t, stride);
+                    continue;
+                }
+#endif
+                block_scores_plain(qg, G, D, kv_ptr(k, bf16, t), bf16, block, n, s + t, stride);
+            }
         }
-#endif
-        block_scores_plain(q, G, D, k, bf16, block, n, scores + b * block, stride);
-    }
-    float *den = o + G * D; /* G floats after o */
-    for (int64_t j = 0; j < G; j++) den[j] = softmax_numerators(scores + j * stride, len, scale, fast);
+    for (int64_t j = 0; j < heads; j++) den[j] = softmax_numerators(scores + j * stride, len, scale, fast);
+    memset(o, 0, (size_t)(heads * D) * sizeof(float));
+    for (int64_t b = 0; b < blocks; b++) /* the values: running sums in o, token by token */
+        for (int64_t g = g0; g < g1; g++) {
+            const void *v = kv_ptr(vc, bf16, (table[b] * KV + g) * span); /* [block, D] */
+            const float *e = scores + (g - g0) * G * stride + b * block;
+            float *og = o + (g - g0) * G * D;
+            for (int64_t i = 0, t = 0; i < slices; i++, t += width) {
+                fetch_ahead(&w, w.pieces + b * w.heads + g - g0, i);
+                int64_t n = len - b * block - t < width ? len - b * block - t : width;
+                if (n <= 0) continue;
 #ifdef PDMIX_X86
-    if (fast) (bf16 ? weighted_values_bf16 : weighted_values_f32)(scores, G, D, vc, KV, g, block, table, len, stride, o);
-    else
+                if (fast) {
+                    (bf16 ? block_values_bf16 : block_values_f32)(e + t, G, D, kv_ptr(v, bf16, t * D), n, stride, og);
+                    continue;
+                }
 #endif
-        weighted_values_plain(scores, G, D, vc, bf16, KV, g, block, table, len, stride, 0, o);
-    for (int64_t j = 0; j < G; j++)
+                block_values_plain(e + t, G, D, kv_ptr(v, bf16, t * D), bf16, n, stride, 0, og);
+            }
+        }
+    for (int64_t j = 0; j < heads; j++)
         for (int64_t d = 0; d < D; d++) o[j * D + d] /= den[j];
 }
 
@@ -342,24 +371,27 @@ static void head_group(const float *q, int64_t G, int64_t D, int64_t KV, int64_t
 int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int64_t KV, int64_t D, const void *kc,
                            const void *vc, int cache_bf16, int64_t block, const int64_t *tables, int64_t table_width,
                            const int64_t *lengths, float scale, void *out, int threads) {
-    int64_t G = H / KV, longest = 0, tasks = B * KV;
+    int64_t G = H / KV, longest = 0;
     for (int64_t b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-    int64_t stride = ((longest + block - 1) / block) * block, scratch = G * stride + 2 * G * D + G;
+    /* a task: one sequence's kv heads, all of them, or a share of them where the sequences are fewer than the threads */
+    int64_t parts = B < threads ? (KV < threads ? KV : threads) : 1, tasks = B * parts;
+    int64_t stride = ((longest + block - 1) / block) * block, most = (KV + parts - 1) / parts * G;
+    int64_t scratch = most * (stride + 2 * D + 1);
     int failed = 0, parallel = threads > 1 && tasks > 1 && longest * H * D * B >= (1 << 16);
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed) if (parallel)
     for (int64_t task = 0; task < tasks; task++) {
-        int64_t b = task / KV, g = task % KV;
+        int64_t b = task / parts, p = task % parts, g0 = KV * p / parts, g1 = KV * (p + 1) / parts;
         float *buf = (float *)malloc((size_t)scratch * sizeof(float));
         if (!buf) { failed = 1; continue; }
-        float *qf = buf + G * stride, *o = qf + G * D; /* o: G * D outputs, then G denominators */
-        int64_t first = (b * H + g * G) * D;
-        for (int64_t p = 0; p < G * D; p++)
-            qf[p] = io_bf16 ? bf16_to_float(((const uint16_t *)q)[first + p]) : ((const float *)q)[first + p];
-        head_group(qf, G, D, KV, g, kc, vc, cache_bf16, block, tables + b * table_width, lengths[b], scale, buf,
-                   stride, o);
-        for (int64_t p = 0; p < G * D; p++) {
-            if (io_bf16) ((uint16_t *)out)[first + p] = float_to_bf16(o[p]);
-            else ((float *)out)[first + p] = o[p];
+        float *qf = buf + most * stride, *o = qf + most * D, *den = o + most * D;
+        int64_t first = (b * H + g0 * G) * D, count = (g1 - g0) * G * D;
+        for (int64_t i = 0; i < count; i++)
+            qf[i] = io_bf16 ? bf16_to_float(((const uint16_t *)q)[first + i]) : ((const float *)q)[first + i];
+        sequence_heads(qf, G, D, KV, g0, g1, kc, vc, cache_bf16, block, tables + b * table_width, lengths[b], scale,
+                       buf, stride, o, den);
+        for (int64_t i = 0; i < count; i++) {
+            if (io_bf16) ((uint16_t *)out)[first + i] = float_to_bf16(o[i]);
+            else ((float *)out)[first + i] = o[i];
         }
         free(buf);
     }

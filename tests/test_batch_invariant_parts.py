@@ -216,3 +216,27 @@ def test_c_attention_on_a_bf16_cache_gives_the_fp32_cache_bits(tmp_path, cap):
     out = torch.load(tmp_path / "out.pt")
     assert torch.equal(out[torch.bfloat16], out[torch.float32])
     assert out[torch.float32].abs().sum() > 0
+
+
+def test_c_decode_attention_writes_the_steps_rows_as_kv_write_does():
+    """A decode-only step writes its new rows and attends in one C call (PagedAttention): the cache and
+    the output are those of kv_write followed by the attention alone."""
+    if cpu_attention.library()[0] is None:
+        pytest.skip("no C compiler")
+    block, kv, h, d = 16, 2, 6, 64
+    g = torch.Generator().manual_seed(5)
+    caches = [KVCache(1, 12, block, kv, d, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
+    old = Slots.of(torch.randperm(12 * block, generator=g)[:100], block)
+    rows = torch.randn(100, 2, kv, d, generator=g).bfloat16()
+    for cache in caches:
+        cache.write(0, old, rows[:, 0], rows[:, 1])
+    tables = torch.tensor([[0, 1, 2], [5, 4, 4], [9, 8, 7]])
+    lengths = torch.tensor([40, 20, 33])  # the new row included
+    slots = torch.stack([tables[i, (n - 1) // block] * block + (n - 1) % block for i, n in enumerate(lengths.tolist())])
+    fused = torch.randn(3, h + 2 * kv, d, generator=g).bfloat16()  # q, k, v heads of one output, as the runtime's
+    q, k, v = fused[:, :h], fused[:, h:h + kv], fused[:, h + kv:]
+    caches[0].write(0, Slots.of(slots, block), k, v)
+    apart = cpu_attention.decode(q, caches[0].k[0], caches[0].v[0], tables, lengths, d ** -0.5)
+    together = cpu_attention.decode(q, caches[1].k[0], caches[1].v[0], tables, lengths, d ** -0.5, new=(k, v, slots))
+    assert torch.equal(caches[1].k[0], caches[0].k[0]) and torch.equal(caches[1].v[0], caches[0].v[0])
+    assert torch.equal(together, apart)

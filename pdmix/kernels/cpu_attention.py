@@ -18,19 +18,24 @@ def usable(x: torch.Tensor, cache_k: torch.Tensor) -> bool:
 
 
 def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_tables: torch.Tensor,
-           lengths: torch.Tensor, scale: float) -> torch.Tensor:
+           lengths: torch.Tensor, scale: float, new: tuple | None = None) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]: each row attends to the first lengths[b] tokens of its blocks
     (block_tables int64 [B, nb]); cache_k [blocks, KV, D, block], cache_v [blocks, KV, block, D], both
-    fp32 or both bf16 (read as fp32)."""
+    fp32 or both bf16 (read as fp32). new: (k, v [B, KV, D] in q's dtype, slots int64 [B]), the step's
+    rows, written into the cache first in the same call (as kv_write writes them)."""
     q = q.contiguous()
     b, h, d = q.shape
     _, kv, _, block = cache_k.shape
     out = torch.empty_like(q)
+    written = (None, None, 0, 0, None)
+    if new is not None:
+        (k, k_row), (v, v_row) = rows(new[0].to(q.dtype)), rows(new[1].to(q.dtype))
+        written = (k.data_ptr(), v.data_ptr(), k_row, v_row, new[2].data_ptr())
     if b and library()[0].pdmix_decode_attention(
             q.data_ptr(), q.dtype == torch.bfloat16, b, h, kv, d, cache_k.data_ptr(), cache_v.data_ptr(),
             cache_k.dtype == torch.bfloat16, block,
             block_tables.data_ptr(), block_tables.shape[1], lengths.data_ptr(), scale, out.data_ptr(),
-            torch.get_num_threads()):
+            torch.get_num_threads(), *written):
         raise MemoryError("decode attention: no memory for its scratch rows")
     return out
 

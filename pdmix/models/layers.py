@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdmix.kernels import cpu_norm
+from pdmix.kernels import cpu_norm, cpu_rotary
 from pdmix.models.config import ModelConfig
 from pdmix.models.linear import fuse_linears
 
@@ -43,8 +43,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.float32), requires_grad=False)
         self.eps = eps
-        # True (the runtime): one C call where it runs (kernels/cpu_norm.py), its own order of the sum of
-        # squares; False: torch's ops, as the quantization pipeline's float forward (msModelSlim's) computes
+        # True (the runtime, set by its loader where the C library is): one C call where it runs
+        # (kernels/cpu_norm.py), its own order of the sum of squares; False: torch's ops, as the
+        # quantization pipeline's float forward (msModelSlim's) computes
         self.in_c = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,9 @@ class Attention(nn.Module):
         if self.qkv_proj is not None and self.q_norm is None:
             # q and k are adjacent in the fused output: rotate them in one pass (same values, fewer ops)
             qkv = self.qkv_proj(x, split)
-            qk = apply_rotary(qkv[:, :(h + kv) * d].view(t, h + kv, d), cos, sin)
+            qk = qkv[:, :(h + kv) * d].view(t, h + kv, d)
+            # the runtime's fused output is its own: rotated in place, in one C call where that runs
+            qk = cpu_rotary.rotate_(qk, cos, sin) if cpu_rotary.usable(qk, cos) else apply_rotary(qk, cos, sin)
             return qk[:, :h], qk[:, h:], qkv[:, (h + kv) * d:].view(t, kv, d)
         q, k, v = self.project_qkv(x, split)
         q, k, v = q.reshape(t, h, d), k.reshape(t, kv, d), v.reshape(t, kv, d)

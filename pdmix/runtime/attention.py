@@ -104,9 +104,11 @@ def prefill_attention(q, k, v, cache: KVCache, layer: int, chunks: list[PrefillC
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup,
+                     new: tuple | None = None) -> torch.Tensor:
     """q [B, H, D], one row per sequence -> [B, H, D], reading each sequence's keys and values through
-    its block table in one batched computation.
+    its block table in one batched computation. new: (k, v [B, KV, D], their Slots), the rows to write
+    into the cache first (a decode-only step: in C, one call does both).
 
     Written out rather than CPU SDPA (several times slower for one query row), in fp32 as SDPA
     accumulates. Everything is computed block by block, with one GEMM shape whatever the batch: scores,
@@ -118,7 +120,10 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, g: DecodeGroup
     b, h, d = q.shape
     if cpu_attention.usable(q, cache.k[layer]):  # on CPUs the same formula in C, one call per layer (each
         # sequence alone, in a fixed order: batch-invariant too; kernels/cpu_attention.py)
-        return cpu_attention.decode(q, cache.k[layer], cache.v[layer], g.block_tables, g.lengths, d ** -0.5)
+        return cpu_attention.decode(q, cache.k[layer], cache.v[layer], g.block_tables, g.lengths, d ** -0.5,
+                                    None if new is None else (new[0], new[1], new[2].flat))
+    if new is not None:
+        cache.write(layer, new[2], new[0], new[1])
     if g.first_block is None:
         k, v = cache.blocks(layer, g.block_tables)           # [B, nb, KV, D, block], [B, nb, KV, block, D]
     else:
@@ -143,6 +148,8 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
+        if not m.prefill:  # decode rows only: their write goes with their attention
+            return decode_attention(q, self.cache, layer, m.decode, (k, v, m.slot_mapping))
         self.cache.write(layer, m.slot_mapping, k, v)
         n = m.n_prefill
         parts = []

@@ -365,12 +365,19 @@ static void sequence_heads(const float *q, int64_t G, int64_t D, int64_t KV, int
         for (int64_t d = 0; d < D; d++) o[j * D + d] /= den[j];
 }
 
+void pdmix_kv_write(const void *k, const void *v, int in_bf16, int64_t k_row, int64_t v_row, int64_t T, int64_t KV,
+                    int64_t D, const int64_t *slots, void *kc, void *vc, int cache_bf16, int64_t block);
+
 /* out [B, H, D] (bf16 if io_bf16, else fp32) from q [B, H, D] in the same dtype; the cache kc, vc in bf16
    if cache_bf16, else fp32; tables [B, table_width] int64, lengths [B] int64 (tokens in the cache, the new
-   one included). Returns 0, or -1 if out of memory. */
-int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int64_t KV, int64_t D, const void *kc,
-                           const void *vc, int cache_bf16, int64_t block, const int64_t *tables, int64_t table_width,
-                           const int64_t *lengths, float scale, void *out, int threads) {
+   one included). With k_new (not null), the step's new rows k_new, v_new [B, KV, D] (q's dtype, rows
+   k_row and v_row elements apart) are first written at slots [B], as pdmix_kv_write writes them: a
+   decode step's write and attention in one call. Returns 0, or -1 if out of memory. */
+int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int64_t KV, int64_t D, void *kc,
+                           void *vc, int cache_bf16, int64_t block, const int64_t *tables, int64_t table_width,
+                           const int64_t *lengths, float scale, void *out, int threads, const void *k_new,
+                           const void *v_new, int64_t k_row, int64_t v_row, const int64_t *slots) {
+    if (k_new) pdmix_kv_write(k_new, v_new, io_bf16, k_row, v_row, B, KV, D, slots, kc, vc, cache_bf16, block);
     int64_t G = H / KV, longest = 0;
     for (int64_t b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
     /* a task: one sequence's kv heads, all of them, or a share of them where the sequences are fewer than the threads */

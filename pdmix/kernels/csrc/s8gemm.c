@@ -911,6 +911,24 @@ int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynam
     return rc;
 }
 
+/* A W8A8_MIX linear's tensors and numbers, filled once by its owner (pdmix/kernels/s8gemm.py, W8A8Linear),
+   so that a call passes only its rows: pdmix_w8a8_linear's arguments after n_dynamic. */
+struct w8a8_linear {
+    const int8_t *w;
+    int64_t packed, n, k;
+    float input_scale, input_offset;
+    const float *deq_scale;
+    const int32_t *quant_bias;
+    const float *weight_scale, *bias_float;
+};
+
+int pdmix_w8a8_linear_run(const struct w8a8_linear *l, const void *x, int x_bf16, int64_t m, const uint8_t *dynamic,
+                          int64_t n_dynamic, void *y, int y_bf16, int threads) {
+    return pdmix_w8a8_linear(x, x_bf16, m, dynamic, n_dynamic, l->w, (int)l->packed, l->n, l->k, l->input_scale,
+                             l->input_offset, l->deq_scale, l->quant_bias, l->weight_scale, l->bias_float, y, y_bf16,
+                             threads);
+}
+
 /* out [m, n] fp32 from 32-wide blocks: x [m, k] int8 with scales dx [m, k/32], w [n, k] int8 with
    scales dw [n, k/32]; k % 32 == 0. Returns 0, or -1 if out of memory. */
 int pdmix_q8_0_gemm(const int8_t *x, const float *dx, int64_t m, const int8_t *w, const float *dw, int64_t n,

@@ -185,6 +185,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(layer_idx, cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size, cfg.head_dim,
                                    linears, norms.get("q_norm"), norms.get("k_norm"))
         self.mlp = MLP(linears) if mlp is None else mlp  # mlp: a sparse layer's block (pdmix.models.moe)
+        # the runtime's attention half for decode-only steps as one C call, where it fits (runtime/decode_block.py)
+        self.decode_block = None
 
     def fuse(self) -> "DecoderLayer":
         """Fuse the linears that read one input (q/k/v, gate/up) for the runtime: one input quantization
@@ -195,8 +197,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, split=None) -> torch.Tensor:
         """x [T, hidden]: the rows of all sequences of a step, flattened."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, split)
-        return h + self.mlp(self.post_attention_layernorm(h), split)
+        fused = self.decode_block and getattr(attn, "decode_block", None)
+        hy = fused and fused(self.decode_block, self.self_attn.layer_idx, x, cos, sin, split)
+        if hy:  # the same bits as the two lines below
+            h, y = hy
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, split)
+            y = self.post_attention_layernorm(h)
+        return h + self.mlp(y, split)
 
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pdmix.kernels import cpu_attention
+from pdmix.runtime import decode_block
 from pdmix.runtime.kv_cache import KVCache, Slots, blocks_needed, token_slots
 
 
@@ -145,6 +146,17 @@ class PagedAttention:
 
     def __init__(self, cache: KVCache, meta: StepMetadata):
         self.cache, self.meta = cache, meta
+        self.step = None  # decode_block's inputs, made at its first call: False where it does not apply
+
+    def decode_block(self, block, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
+        """(h, y) of a layer's attention half in one C call (block: its runtime/decode_block.py form), or
+        None for a step it does not take (prompt rows)."""
+        if self.step is None:
+            self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, block.head_dim) or False
+        if not self.step:
+            return None
+        n_dynamic = x.shape[0] if split is None else split.dynamic_rows(x.shape[0])
+        return block(x, self.step, self.cache.k[layer], self.cache.v[layer], n_dynamic)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta

@@ -21,7 +21,7 @@ from pdmix.models.layers import RMSNorm, layer_norms
 from pdmix.models.linear import FloatLinear, W8A8DynamicLinear, W8A8MixLinear, prepare_kernels
 from pdmix.models.model import CausalLM
 from pdmix.models.moe import decoder_layer
-from pdmix.runtime import tp as tpm
+from pdmix.runtime import decode_block, tp as tpm
 from pdmix.runtime.tp import TP
 from pdmix.schemes import w8a8_dynamic, w8a8_mix
 
@@ -59,6 +59,7 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     for m in model.modules():  # the runtime's norms in one C call each (the quantization pipeline keeps torch's)
         if isinstance(m, RMSNorm):
             m.in_c = cpu_norm.available()
+    decode_block.attach(model)
     if tp.is_main:
         prefixes = [p for i in range(cfg.num_layers) for p, _ in layer_linears(cfg, i)]
         n_quant = sum(types.get(p + ".weight") in (QUANT_TYPE, DYNAMIC_TYPE) for p in prefixes)

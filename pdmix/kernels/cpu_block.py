@@ -1,0 +1,83 @@
+"""A decode step's attention half of a decoder layer in one C call (csrc/decode_block.c): input norm,
+q/k/v projection, rotary, the cache write and attention, o projection, the residual add and the post-
+attention norm, each by the C function its own call runs, so the bits are the separate calls'. On
+SmolLM2 that is about twenty Python-level calls and torch ops a layer, about a tenth of a one-thread
+decode step, become one.
+
+Built by pdmix/runtime/decode_block.py for the layers it fits (bf16, the C library, fused q/k/v);
+this module only holds the C structs and makes the call.
+"""
+
+import ctypes
+
+import torch
+
+from pdmix.kernels.clib import library
+from pdmix.kernels.s8gemm import W8A8Linear
+
+_p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class BlockLinear(ctypes.Structure):
+    _fields_ = [("q8", _p), ("w", _p), ("bias", _p), ("n", _i64), ("k", _i64)]
+
+
+class BlockNorm(ctypes.Structure):
+    _fields_ = [("w", _p), ("bias", _p), ("eps", _f32)]
+
+
+class AttentionBlockStruct(ctypes.Structure):
+    _fields_ = [("input", BlockNorm), ("post", BlockNorm), ("qkv", BlockLinear), ("o", BlockLinear),
+                ("hidden", _i64), ("H", _i64), ("KV", _i64), ("D", _i64)]
+
+
+class DecodeStepStruct(ctypes.Structure):
+    _fields_ = [("cos", _p), ("sin", _p), ("slots", _p), ("tables", _p), ("width", _i64), ("lengths", _p),
+                ("block", _i64), ("cache_bf16", ctypes.c_int), ("scale", _f32)]
+
+
+class DecodeStep:
+    """A decode-only step's attention inputs, shared by its layers: cos and sin [T, D] bf16, each row's
+    cache slot, block table and length (the new token included)."""
+
+    def __init__(self, cos, sin, slots, tables, lengths, block_size: int, cache_dtype: torch.dtype, scale: float):
+        self.tensors = [t.contiguous() for t in (cos, sin, slots, tables, lengths)]
+        cos, sin, slots, tables, lengths = self.tensors
+        self.struct = DecodeStepStruct(cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                                       tables.shape[1], lengths.data_ptr(), block_size,
+                                       cache_dtype == torch.bfloat16, scale)
+        self.ref = ctypes.byref(self.struct)
+
+
+def norm_struct(weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> BlockNorm:
+    return BlockNorm(weight.data_ptr(), None if bias is None else bias.data_ptr(), eps)
+
+
+def linear_struct(linear: "W8A8Linear | tuple[torch.Tensor, torch.Tensor | None]") -> BlockLinear:
+    """A W8A8_MIX linear's C form, or a bf16 (weight, bias or None)."""
+    if isinstance(linear, W8A8Linear):
+        return BlockLinear(ctypes.addressof(linear._struct), None, None, linear.n, linear.k)
+    w, b = linear
+    return BlockLinear(None, w.data_ptr(), None if b is None else b.data_ptr(), w.shape[0], w.shape[1])
+
+
+class AttentionBlock:
+    """The call; keeps every tensor it points to alive (norm weights and fp32 biases, bf16 linears and
+    biases, the W8A8Linears) for as long as it lives. Shapes: heads (H, KV, D), hidden."""
+
+    def __init__(self, input_norm: tuple, post_norm: tuple, qkv, o, heads: tuple[int, int, int], hidden: int):
+        self.keep = [input_norm, post_norm, qkv, o]
+        self.struct = AttentionBlockStruct(norm_struct(*input_norm), norm_struct(*post_norm), linear_struct(qkv),
+                                           linear_struct(o), hidden, *heads)
+        self.ref, self.hidden, self.head_dim = ctypes.byref(self.struct), hidden, heads[2]
+
+    def __call__(self, x: torch.Tensor, step: DecodeStep, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                 n_dynamic: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] bf16 -> (h, y): the residual after attention and the post-attention norm of it."""
+        x = x.contiguous()
+        h, y = torch.empty_like(x), torch.empty_like(x)
+        if library()[0].pdmix_attention_block(self.ref, step.ref, x.data_ptr(), x.shape[0], n_dynamic,
+                                              cache_k.data_ptr(), cache_v.data_ptr(), h.data_ptr(), y.data_ptr(),
+                                              torch.get_num_threads()):
+            raise MemoryError("decode attention block: no memory for its scratch rows")
+        return h, y

@@ -1,0 +1,93 @@
+/* A decode step's attention half of a decoder layer in one call (pdmix/kernels/cpu_block.py): from the
+   layer's input x [T, hidden] to its residual h and the MLP's input y, as pdmix/models/layers.py's
+   DecoderLayer computes them,
+       h = x + o_proj(attention(rotary(qkv_proj(input_layernorm(x))))),    y = post_attention_layernorm(h),
+   each step by the C function its separate call runs (norm.c, s8gemm.c or bf16gemm.c, rotary.c,
+   attention.c with the step's cache write), so the bits are theirs; h rounded as torch adds two bf16
+   tensors. bf16 models, one decode row per sequence. About twenty Python-level calls and torch ops a
+   layer become one. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+struct w8a8_linear; /* s8gemm.c */
+int pdmix_w8a8_linear_run(const struct w8a8_linear *l, const void *x, int x_bf16, int64_t m, const uint8_t *dynamic,
+                          int64_t n_dynamic, void *y, int y_bf16, int threads);
+void pdmix_bf16_linear(const uint16_t *x, int64_t m, const uint16_t *w, int64_t n, int64_t k, const uint16_t *bias,
+                       uint16_t *y, int threads);
+void pdmix_rms_norm(const void *x, int bf16, int64_t m, int64_t k, const void *weight, const float *bias, float eps,
+                    void *y, int threads);
+void pdmix_rotary(void *x, int bf16, int64_t T, int64_t heads, int64_t D, int64_t stride, const void *cos,
+                  const void *sin, int threads);
+int pdmix_decode_attention(const void *q, int io_bf16, int64_t B, int64_t H, int64_t KV, int64_t D, void *kc,
+                           void *vc, int cache_bf16, int64_t block, const int64_t *tables, int64_t table_width,
+                           const int64_t *lengths, float scale, void *out, int threads, const void *k_new,
+                           const void *v_new, int64_t k_row, int64_t v_row, const int64_t *slots);
+
+/* one linear of the block: W8A8_MIX (q8 set) or a rolled-back bf16 one (w, bias or null) */
+struct block_linear {
+    const struct w8a8_linear *q8;
+    const uint16_t *w, *bias;
+    int64_t n, k;
+};
+
+struct block_norm {
+    const uint16_t *w;
+    const float *bias; /* fp32, or null */
+    float eps;
+};
+
+struct attention_block {
+    struct block_norm in, post;
+    struct block_linear qkv, o;
+    int64_t hidden, H, KV, D;
+};
+
+/* what a step's rows need of its attention, the same in every layer */
+struct decode_step {
+    const uint16_t *cos, *sin; /* [T, D] */
+    const int64_t *slots;      /* [T]: where each row's k and v go */
+    const int64_t *tables;     /* [T, width] */
+    int64_t width;
+    const int64_t *lengths;    /* [T], the new row included */
+    int64_t block;
+    int cache_bf16;
+    float scale;
+};
+
+static int run_linear(const struct block_linear *l, const uint16_t *x, int64_t m, int64_t n_dynamic, uint16_t *y,
+                      int threads) {
+    if (l->q8) return pdmix_w8a8_linear_run(l->q8, x, 1, m, 0, n_dynamic, y, 1, threads);
+    pdmix_bf16_linear(x, m, l->w, l->n, l->k, l->bias, y, threads);
+    return 0;
+}
+
+/* x, h, y [T, hidden] bf16; kc, vc: this layer's cache; rows [0, n_dynamic) quantized per token. Returns 0,
+   or -1 if out of memory. */
+int pdmix_attention_block(const struct attention_block *b, const struct decode_step *s, const uint16_t *x,
+                          int64_t T, int64_t n_dynamic, void *kc, void *vc, uint16_t *h, uint16_t *y, int threads) {
+    int64_t hidden = b->hidden, D = b->D, width = (b->H + 2 * b->KV) * D, hd = b->H * D;
+    uint16_t *xn = (uint16_t *)malloc((size_t)(T * hidden) * 2), *qkv = (uint16_t *)malloc((size_t)(T * width) * 2);
+    uint16_t *q = (uint16_t *)malloc((size_t)(T * hd) * 2), *att = (uint16_t *)malloc((size_t)(T * hd) * 2);
+    uint16_t *o = (uint16_t *)malloc((size_t)(T * hidden) * 2);
+    int rc = -1;
+    if (!xn || !qkv || !q || !att || !o) goto done;
+    pdmix_rms_norm(x, 1, T, hidden, b->in.w, b->in.bias, b->in.eps, xn, threads);
+    if (run_linear(&b->qkv, xn, T, n_dynamic, qkv, threads)) goto done;
+    pdmix_rotary(qkv, 1, T, b->H + b->KV, D, width, s->cos, s->sin, threads); /* q and k, in place */
+    for (int64_t t = 0; t < T; t++) memcpy(q + t * hd, qkv + t * width, (size_t)hd * 2);
+    if (pdmix_decode_attention(q, 1, T, b->H, b->KV, D, kc, vc, s->cache_bf16, s->block, s->tables, s->width,
+                               s->lengths, s->scale, att, threads, qkv + hd, qkv + hd + b->KV * D, width, width,
+                               s->slots))
+        goto done;
+    if (run_linear(&b->o, att, T, n_dynamic, o, threads)) goto done;
+    for (int64_t i = 0; i < T * hidden; i++) h[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(o[i]));
+    pdmix_rms_norm(h, 1, T, hidden, b->post.w, b->post.bias, b->post.eps, y, threads);
+    rc = 0;
+done:
+    free(xn); free(qkv); free(q); free(att); free(o);
+    return rc;
+}

@@ -1,0 +1,64 @@
+"""Which decoder layers run a decode-only step's attention half as one C call (kernels/cpu_block.py),
+and that call's per-step inputs.
+
+A layer qualifies when everything in that half already runs in C in the runtime: a bf16 model on the
+CPU with pdmix's C library, q/k/v fused into one linear without q/k norms (Llama, Qwen2), and each
+of q/k/v and o either a W8A8_MIX linear on the cpu_int8 backend or a rolled-back bf16 one, with no
+tensor parallelism. Other layers, prompt rows and steps that mix them run the layer's Python form,
+which the C call matches bit for bit (tests/test_decode_block.py).
+"""
+
+import torch
+
+from pdmix.kernels import cpu_attention, cpu_block, cpu_float
+from pdmix.kernels.clib import library
+from pdmix.models.layers import DecoderLayer, RMSNorm
+from pdmix.models.linear import FloatLinear, W8A8MixLinear
+
+
+def linear_form(m):
+    """The C form of one linear (a W8A8Linear, or a bf16 float (weight, bias)), or None."""
+    if isinstance(m, W8A8MixLinear) and not m.row_parallel:
+        c = getattr(m.kernel, "linear", None)
+        return c if c is not None and getattr(c, "out_dtype", None) == torch.bfloat16 else None
+    if type(m) is FloatLinear and not m.row_parallel and m.columns is None and m.batch_invariant:
+        ok = m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() and cpu_float.usable(m.weight[:1], m.weight)
+        return (m.weight, m.bias) if ok else None
+    return None
+
+
+def norm_form(n: RMSNorm):
+    if not (n.in_c and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()):
+        return None
+    return n.weight, None if n.bias is None else n.bias.float().contiguous(), n.eps
+
+
+def attention_block(layer: DecoderLayer) -> "cpu_block.AttentionBlock | None":
+    a = layer.self_attn
+    if library()[0] is None or a.qkv_proj is None or a.q_norm is not None:
+        return None
+    forms = (norm_form(layer.input_layernorm), norm_form(layer.post_attention_layernorm),
+             linear_form(a.qkv_proj), linear_form(a.o_proj))
+    if any(f is None for f in forms) or not layer.input_layernorm.weight.is_cpu:
+        return None
+    return cpu_block.AttentionBlock(*forms, (a.num_heads, a.num_kv_heads, a.head_dim),
+                                    layer.input_layernorm.weight.shape[0])
+
+
+def attach(model) -> int:
+    """Give each qualifying layer its C attention half (DecoderLayer.decode_block); returns how many."""
+    n = 0
+    for layer in model.layers:
+        layer.decode_block = attention_block(layer)
+        n += layer.decode_block is not None
+    return n
+
+
+def step_inputs(meta, cache, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> "cpu_block.DecodeStep | None":
+    """A decode-only step's inputs for the C call (None for a step with prompt rows, or a cache or rows
+    the C attention does not take)."""
+    g = meta.decode
+    if meta.prefill or g is None or cos.dtype != torch.bfloat16 or not cpu_attention.usable(cos, cache.k[0]):
+        return None
+    return cpu_block.DecodeStep(cos, sin, meta.slot_mapping.flat, g.block_tables, g.lengths, cache.block_size,
+                                cache.k[0].dtype, head_dim ** -0.5)

@@ -1,0 +1,52 @@
+"""A decode-only step's attention half in one C call (runtime/decode_block.py, kernels/cpu_block.py)
+against the layer's Python form (DecoderLayer without it): the same tokens and logits bit for bit, for
+batches of sequences of different lengths, on every quantization path, with a rolled-back float
+layer and m4 biases; and layers it does not fit (q/k norms) keep the Python form."""
+
+import pytest
+import torch
+
+from builders import build_w8a8_checkpoint
+from pdmix import LLM, SamplingParams
+from pdmix.kernels import cpu_block
+from pdmix.kernels.clib import library
+
+pytestmark = pytest.mark.skipif(library()[0] is None, reason="no C compiler for pdmix's kernels")
+
+PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [119, 111, 114], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+def run(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
+    calls = []
+    real = cpu_block.AttentionBlock.__call__
+    monkeypatch.setattr(cpu_block.AttentionBlock, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    blocks = [layer.decode_block for layer in llm.model.layers]
+    if not fused:
+        for layer in llm.model.layers:
+            layer.decode_block = None
+    try:
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True, return_logits=True))
+    finally:
+        for layer, block in zip(llm.model.layers, blocks):
+            layer.decode_block = block
+    return [(o.outputs[0].token_ids, o.outputs[0].logits) for o in outs], len(calls)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["pdmix", "dynamic", "static"])
+def test_decode_block_gives_the_layers_bits(tiny_models, tmp_path, arch, mode, monkeypatch):
+    ck = build_w8a8_checkpoint(tiny_models(arch), tmp_path / "w8a8", m4_biases=True,
+                               float_layers=("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                             "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.o_proj"))
+    llm = LLM(ck, quant_mode=mode, block_size=4, max_batch_size=3)
+    assert all(layer.decode_block is not None for layer in llm.model.layers)
+    fused, calls = run(llm, True, monkeypatch)
+    apart, no_calls = run(llm, False, monkeypatch)
+    assert calls >= 7 * len(llm.model.layers) and no_calls == 0  # decode steps of the batch ran through it
+    for (ids, logits), (ids2, logits2) in zip(fused, apart):
+        assert ids == ids2 and torch.equal(logits, logits2)
+
+
+def test_layers_with_qk_norms_keep_their_python_form(tiny_models):
+    llm = LLM(tiny_models("qwen3"), block_size=4)
+    assert all(layer.decode_block is None for layer in llm.model.layers)

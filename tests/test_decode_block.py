@@ -1,7 +1,8 @@
-"""A decode-only step's attention half in one C call (runtime/decode_block.py, kernels/cpu_block.py)
-against the layer's Python form (DecoderLayer without it): the same tokens and logits bit for bit, for
-batches of sequences of different lengths, on every quantization path, with a rolled-back float
-layer and m4 biases; and layers it does not fit (q/k norms) keep the Python form."""
+"""A decode-only step in C calls (runtime/decode_block.py, kernels/cpu_block.py): the attention half,
+and the MLP's linears where gate/up fuse, against the layer's Python form (DecoderLayer without it):
+the same tokens and logits bit for bit, for batches of sequences of different lengths, on every
+quantization path, with rolled-back float layers and m4 biases; layers it does not fit (q/k norms)
+keep the Python form."""
 
 import pytest
 import torch
@@ -37,9 +38,14 @@ def run(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
 def test_decode_block_gives_the_layers_bits(tiny_models, tmp_path, arch, mode, monkeypatch):
     ck = build_w8a8_checkpoint(tiny_models(arch), tmp_path / "w8a8", m4_biases=True,
                                float_layers=("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-                                             "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.o_proj"))
+                                             "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.o_proj",
+                                             "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"))
     llm = LLM(ck, quant_mode=mode, block_size=4, max_batch_size=3)
-    assert all(layer.decode_block is not None for layer in llm.model.layers)
+    blocks = [layer.decode_block for layer in llm.model.layers]
+    assert all(b is not None for b in blocks)
+    # layer 0's gate/up are two linears (one float, one int8): its MLP stays Python; layer 1's runs in C,
+    # with its float down projection
+    assert blocks[0].block.down_struct is None and blocks[1].block.down_struct is not None
     fused, calls = run(llm, True, monkeypatch)
     apart, no_calls = run(llm, False, monkeypatch)
     assert calls >= 7 * len(llm.model.layers) and no_calls == 0  # decode steps of the batch ran through it

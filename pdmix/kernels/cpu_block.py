@@ -28,7 +28,7 @@ class BlockNorm(ctypes.Structure):
 
 class AttentionBlockStruct(ctypes.Structure):
     _fields_ = [("input", BlockNorm), ("post", BlockNorm), ("qkv", BlockLinear), ("o", BlockLinear),
-                ("hidden", _i64), ("H", _i64), ("KV", _i64), ("D", _i64)]
+                ("gate_up", BlockLinear), ("hidden", _i64), ("H", _i64), ("KV", _i64), ("D", _i64)]
 
 
 class DecodeStepStruct(ctypes.Structure):
@@ -62,22 +62,37 @@ def linear_struct(linear: "W8A8Linear | tuple[torch.Tensor, torch.Tensor | None]
 
 
 class AttentionBlock:
-    """The call; keeps every tensor it points to alive (norm weights and fp32 biases, bf16 linears and
-    biases, the W8A8Linears) for as long as it lives. Shapes: heads (H, KV, D), hidden."""
+    """The calls; keeps every tensor they point to alive (norm weights and fp32 biases, bf16 linears and
+    biases, the W8A8Linears) for as long as it lives. Shapes: heads (H, KV, D), hidden. With gate_up and
+    down (the MLP's linears), the block's second output is gate_up's, and `down` finishes the layer."""
 
-    def __init__(self, input_norm: tuple, post_norm: tuple, qkv, o, heads: tuple[int, int, int], hidden: int):
-        self.keep = [input_norm, post_norm, qkv, o]
+    def __init__(self, input_norm: tuple, post_norm: tuple, qkv, o, heads: tuple[int, int, int], hidden: int,
+                 gate_up=None, down=None):
+        self.keep = [input_norm, post_norm, qkv, o, gate_up, down]
         self.struct = AttentionBlockStruct(norm_struct(*input_norm), norm_struct(*post_norm), linear_struct(qkv),
-                                           linear_struct(o), hidden, *heads)
+                                           linear_struct(o), BlockLinear() if gate_up is None else linear_struct(gate_up),
+                                           hidden, *heads)
+        self.down_struct = None if down is None else linear_struct(down)
         self.ref, self.hidden, self.head_dim = ctypes.byref(self.struct), hidden, heads[2]
+        self.out_features = hidden if gate_up is None else self.struct.gate_up.n
 
     def __call__(self, x: torch.Tensor, step: DecodeStep, cache_k: torch.Tensor, cache_v: torch.Tensor,
                  n_dynamic: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] bf16 -> (h, y): the residual after attention and the post-attention norm of it."""
+        """x [T, hidden] bf16 -> (h, y): the residual after attention, and its post-attention norm (or
+        gate_up's projection of that)."""
         x = x.contiguous()
-        h, y = torch.empty_like(x), torch.empty_like(x)
+        h, y = torch.empty_like(x), x.new_empty((x.shape[0], self.out_features))
         if library()[0].pdmix_attention_block(self.ref, step.ref, x.data_ptr(), x.shape[0], n_dynamic,
                                               cache_k.data_ptr(), cache_v.data_ptr(), h.data_ptr(), y.data_ptr(),
                                               torch.get_num_threads()):
             raise MemoryError("decode attention block: no memory for its scratch rows")
         return h, y
+
+    def down(self, act: torch.Tensor, residual: torch.Tensor, n_dynamic: int) -> torch.Tensor:
+        """residual + down(act), [T, hidden] bf16."""
+        act = act.contiguous()
+        out = torch.empty_like(residual)
+        if library()[0].pdmix_linear_residual(ctypes.byref(self.down_struct), act.data_ptr(), act.shape[0], n_dynamic,
+                                              residual.data_ptr(), out.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("decode block: no memory for the down projection's rows")
+        return out

@@ -168,12 +168,16 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             del self.gate_proj, self.up_proj
 
+    @staticmethod
+    def activation(gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from gate_up_proj's output (gate, then up)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def forward(self, x, split=None):
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x, split).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x, split), self.up_proj(x, split)
-        return self.down_proj(F.silu(gate) * up, split)
+            return self.down_proj(self.activation(self.gate_up_proj(x, split)), split)
+        return self.down_proj(F.silu(self.gate_proj(x, split)) * self.up_proj(x, split), split)
 
 
 class DecoderLayer(nn.Module):
@@ -185,7 +189,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(layer_idx, cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size, cfg.head_dim,
                                    linears, norms.get("q_norm"), norms.get("k_norm"))
         self.mlp = MLP(linears) if mlp is None else mlp  # mlp: a sparse layer's block (pdmix.models.moe)
-        # the runtime's attention half for decode-only steps as one C call, where it fits (runtime/decode_block.py)
+        # the runtime's decode-only steps in C calls, where they fit (runtime/decode_block.py)
         self.decode_block = None
 
     def fuse(self) -> "DecoderLayer":
@@ -198,13 +202,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, split=None) -> torch.Tensor:
         """x [T, hidden]: the rows of all sequences of a step, flattened."""
         fused = self.decode_block and getattr(attn, "decode_block", None)
-        hy = fused and fused(self.decode_block, self.self_attn.layer_idx, x, cos, sin, split)
-        if hy:  # the same bits as the two lines below
-            h, y = hy
-        else:
-            h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, split)
-            y = self.post_attention_layernorm(h)
-        return h + self.mlp(y, split)
+        out = fused and fused(self.decode_block, self.self_attn.layer_idx, x, cos, sin, split)
+        if out is not None:  # the same bits as the two lines below
+            return out
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, split)
+        return h + self.mlp(self.post_attention_layernorm(h), split)
 
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm")

@@ -149,14 +149,11 @@ class PagedAttention:
         self.step = None  # decode_block's inputs, made at its first call: False where it does not apply
 
     def decode_block(self, block, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
-        """(h, y) of a layer's attention half in one C call (block: its runtime/decode_block.py form), or
-        None for a step it does not take (prompt rows)."""
+        """A layer's output by its C calls (block: its runtime/decode_block.py form), or None for a step
+        they do not take (prompt rows)."""
         if self.step is None:
             self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, block.head_dim) or False
-        if not self.step:
-            return None
-        n_dynamic = x.shape[0] if split is None else split.dynamic_rows(x.shape[0])
-        return block(x, self.step, self.cache.k[layer], self.cache.v[layer], n_dynamic)
+        return block(x, self.step, self.cache.k[layer], self.cache.v[layer], split) if self.step else None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta

@@ -12,7 +12,7 @@ import torch
 
 from pdmix.kernels import cpu_attention, cpu_block, cpu_float
 from pdmix.kernels.clib import library
-from pdmix.models.layers import DecoderLayer, RMSNorm
+from pdmix.models.layers import MLP, DecoderLayer, RMSNorm
 from pdmix.models.linear import FloatLinear, W8A8MixLinear
 
 
@@ -33,7 +33,23 @@ def norm_form(n: RMSNorm):
     return n.weight, None if n.bias is None else n.bias.float().contiguous(), n.eps
 
 
-def attention_block(layer: DecoderLayer) -> "cpu_block.AttentionBlock | None":
+class DecodeLayer:
+    """A layer's decode-only step in C calls: its attention half, and where the MLP's gate/up and down
+    linears have C forms too, those (gate_up inside the first call, down with the residual in a second);
+    silu(gate) * up stays torch's (MLP.activation)."""
+
+    def __init__(self, block: cpu_block.AttentionBlock, mlp):
+        self.block, self.mlp, self.head_dim = block, mlp, block.head_dim
+
+    def __call__(self, x, step, cache_k, cache_v, split) -> torch.Tensor:
+        n_dynamic = x.shape[0] if split is None else split.dynamic_rows(x.shape[0])
+        h, y = self.block(x, step, cache_k, cache_v, n_dynamic)
+        if self.block.down_struct is None:
+            return h + self.mlp(y, split)
+        return self.block.down(self.mlp.activation(y), h, n_dynamic)
+
+
+def decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
     a = layer.self_attn
     if library()[0] is None or a.qkv_proj is None or a.q_norm is not None:
         return None
@@ -41,15 +57,21 @@ def attention_block(layer: DecoderLayer) -> "cpu_block.AttentionBlock | None":
              linear_form(a.qkv_proj), linear_form(a.o_proj))
     if any(f is None for f in forms) or not layer.input_layernorm.weight.is_cpu:
         return None
-    return cpu_block.AttentionBlock(*forms, (a.num_heads, a.num_kv_heads, a.head_dim),
-                                    layer.input_layernorm.weight.shape[0])
+    mlp, gate_up, down = layer.mlp, None, None
+    if type(mlp) is MLP and mlp.gate_up_proj is not None:
+        gate_up, down = linear_form(mlp.gate_up_proj), linear_form(mlp.down_proj)
+        if gate_up is None or down is None:
+            gate_up = down = None
+    block = cpu_block.AttentionBlock(*forms, (a.num_heads, a.num_kv_heads, a.head_dim),
+                                     layer.input_layernorm.weight.shape[0], gate_up, down)
+    return DecodeLayer(block, mlp)
 
 
 def attach(model) -> int:
-    """Give each qualifying layer its C attention half (DecoderLayer.decode_block); returns how many."""
+    """Give each qualifying layer its C form (DecoderLayer.decode_block); returns how many."""
     n = 0
     for layer in model.layers:
-        layer.decode_block = attention_block(layer)
+        layer.decode_block = decode_layer(layer)
         n += layer.decode_block is not None
     return n
 

@@ -42,7 +42,7 @@ struct block_norm {
 
 struct attention_block {
     struct block_norm in, post;
-    struct block_linear qkv, o;
+    struct block_linear qkv, o, gate_up; /* gate_up: neither q8 nor w set where the MLP's input is the output */
     int64_t hidden, H, KV, D;
 };
 
@@ -65,8 +65,9 @@ static int run_linear(const struct block_linear *l, const uint16_t *x, int64_t m
     return 0;
 }
 
-/* x, h, y [T, hidden] bf16; kc, vc: this layer's cache; rows [0, n_dynamic) quantized per token. Returns 0,
-   or -1 if out of memory. */
+/* x, h [T, hidden] bf16, y [T, hidden] (or [T, gate_up.n]: the MLP's gate/up projection of it, where the block
+   has one); kc, vc: this layer's cache; rows [0, n_dynamic) quantized per token. Returns 0, or -1 if out of
+   memory. */
 int pdmix_attention_block(const struct attention_block *b, const struct decode_step *s, const uint16_t *x,
                           int64_t T, int64_t n_dynamic, void *kc, void *vc, uint16_t *h, uint16_t *y, int threads) {
     int64_t hidden = b->hidden, D = b->D, width = (b->H + 2 * b->KV) * D, hd = b->H * D;
@@ -85,9 +86,23 @@ int pdmix_attention_block(const struct attention_block *b, const struct decode_s
         goto done;
     if (run_linear(&b->o, att, T, n_dynamic, o, threads)) goto done;
     for (int64_t i = 0; i < T * hidden; i++) h[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(o[i]));
-    pdmix_rms_norm(h, 1, T, hidden, b->post.w, b->post.bias, b->post.eps, y, threads);
+    if (!b->gate_up.q8 && !b->gate_up.w) {
+        pdmix_rms_norm(h, 1, T, hidden, b->post.w, b->post.bias, b->post.eps, y, threads);
+    } else {
+        pdmix_rms_norm(h, 1, T, hidden, b->post.w, b->post.bias, b->post.eps, xn, threads);
+        if (run_linear(&b->gate_up, xn, T, n_dynamic, y, threads)) goto done;
+    }
     rc = 0;
 done:
     free(xn); free(qkv); free(q); free(att); free(o);
     return rc;
+}
+
+/* out [m, n] = residual + l(x), the sum rounded as torch adds two bf16 tensors: the MLP's down projection
+   and the layer's residual. Returns 0, or -1 if out of memory. */
+int pdmix_linear_residual(const struct block_linear *l, const uint16_t *x, int64_t m, int64_t n_dynamic,
+                          const uint16_t *residual, uint16_t *out, int threads) {
+    if (run_linear(l, x, m, n_dynamic, out, threads)) return -1;
+    for (int64_t i = 0; i < m * l->n; i++) out[i] = float_to_bf16(bf16_to_float(residual[i]) + bf16_to_float(out[i]));
+    return 0;
 }

@@ -1,8 +1,8 @@
 """A decode-only step in C calls (runtime/decode_block.py, kernels/cpu_block.py): the attention half,
 and the MLP's linears where gate/up fuse, against the layer's Python form (DecoderLayer without it):
 the same tokens and logits bit for bit, for batches of sequences of different lengths, on every
-quantization path, with rolled-back float layers and m4 biases; layers it does not fit (q/k norms)
-keep the Python form."""
+quantization path, with rolled-back float layers, m4 biases and Qwen3's q/k norms; layers it does not
+fit (fp16 models) keep the Python form."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def run(llm: LLM, fused: bool, monkeypatch) -> tuple[list, int]:
     return [(o.outputs[0].token_ids, o.outputs[0].logits) for o in outs], len(calls)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("mode", ["pdmix", "dynamic", "static"])
 def test_decode_block_gives_the_layers_bits(tiny_models, tmp_path, arch, mode, monkeypatch):
     ck = build_w8a8_checkpoint(tiny_models(arch), tmp_path / "w8a8", m4_biases=True,
@@ -53,6 +53,8 @@ def test_decode_block_gives_the_layers_bits(tiny_models, tmp_path, arch, mode, m
         assert ids == ids2 and torch.equal(logits, logits2)
 
 
-def test_layers_with_qk_norms_keep_their_python_form(tiny_models):
-    llm = LLM(tiny_models("qwen3"), block_size=4)
+def test_layers_it_does_not_fit_keep_their_python_form(tiny_models):
+    """An fp16 model: no C block (bf16 only); the engine runs the layers' Python form."""
+    llm = LLM(tiny_models("llama", dtype=torch.float16), block_size=4)
     assert all(layer.decode_block is None for layer in llm.model.layers)
+    assert len(llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3

@@ -27,7 +27,7 @@ class BlockNorm(ctypes.Structure):
 
 
 class AttentionBlockStruct(ctypes.Structure):
-    _fields_ = [("input", BlockNorm), ("post", BlockNorm), ("qkv", BlockLinear), ("o", BlockLinear),
+    _fields_ = [("input", BlockNorm), ("post", BlockNorm), ("q", BlockNorm), ("k", BlockNorm), ("qkv", BlockLinear), ("o", BlockLinear),
                 ("gate_up", BlockLinear), ("hidden", _i64), ("H", _i64), ("KV", _i64), ("D", _i64)]
 
 
@@ -64,12 +64,14 @@ def linear_struct(linear: "W8A8Linear | tuple[torch.Tensor, torch.Tensor | None]
 class AttentionBlock:
     """The calls; keeps every tensor they point to alive (norm weights and fp32 biases, bf16 linears and
     biases, the W8A8Linears) for as long as it lives. Shapes: heads (H, KV, D), hidden. With gate_up and
-    down (the MLP's linears), the block's second output is gate_up's, and `down` finishes the layer."""
+    down (the MLP's linears), the block's second output is gate_up's, and `down` finishes the layer;
+    qk_norms: Qwen3's per-head q and k norms, (weight, bias, eps) each."""
 
     def __init__(self, input_norm: tuple, post_norm: tuple, qkv, o, heads: tuple[int, int, int], hidden: int,
-                 gate_up=None, down=None):
-        self.keep = [input_norm, post_norm, qkv, o, gate_up, down]
-        self.struct = AttentionBlockStruct(norm_struct(*input_norm), norm_struct(*post_norm), linear_struct(qkv),
+                 gate_up=None, down=None, qk_norms: tuple | None = None):
+        self.keep = [input_norm, post_norm, qkv, o, gate_up, down, qk_norms]
+        qn, kn = (BlockNorm(), BlockNorm()) if qk_norms is None else (norm_struct(*n) for n in qk_norms)
+        self.struct = AttentionBlockStruct(norm_struct(*input_norm), norm_struct(*post_norm), qn, kn, linear_struct(qkv),
                                            linear_struct(o), BlockLinear() if gate_up is None else linear_struct(gate_up),
                                            hidden, *heads)
         self.down_struct = None if down is None else linear_struct(down)

@@ -2,7 +2,7 @@
 and that call's per-step inputs.
 
 A layer qualifies when everything in that half already runs in C in the runtime: a bf16 model on the
-CPU with pdmix's C library, q/k/v fused into one linear without q/k norms (Llama, Qwen2), and each
+CPU with pdmix's C library, q/k/v fused into one linear (Qwen3's per-head q/k norms included), and each
 of q/k/v and o either a W8A8_MIX linear on the cpu_int8 backend or a rolled-back bf16 one, with no
 tensor parallelism. Other layers, prompt rows and steps that mix them run the layer's Python form,
 which the C call matches bit for bit (tests/test_decode_block.py).
@@ -51,11 +51,12 @@ class DecodeLayer:
 
 def decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
     a = layer.self_attn
-    if library()[0] is None or a.qkv_proj is None or a.q_norm is not None:
+    if library()[0] is None or a.qkv_proj is None:
         return None
     forms = (norm_form(layer.input_layernorm), norm_form(layer.post_attention_layernorm),
              linear_form(a.qkv_proj), linear_form(a.o_proj))
-    if any(f is None for f in forms) or not layer.input_layernorm.weight.is_cpu:
+    qk_norms = None if a.q_norm is None else (norm_form(a.q_norm), norm_form(a.k_norm))
+    if any(f is None for f in forms + (qk_norms or ())) or not layer.input_layernorm.weight.is_cpu:
         return None
     mlp, gate_up, down = layer.mlp, None, None
     if type(mlp) is MLP and mlp.gate_up_proj is not None:
@@ -63,7 +64,7 @@ def decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
         if gate_up is None or down is None:
             gate_up = down = None
     block = cpu_block.AttentionBlock(*forms, (a.num_heads, a.num_kv_heads, a.head_dim),
-                                     layer.input_layernorm.weight.shape[0], gate_up, down)
+                                     layer.input_layernorm.weight.shape[0], gate_up, down, qk_norms)
     return DecodeLayer(block, mlp)
 
 

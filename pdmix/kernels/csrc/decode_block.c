@@ -1,7 +1,7 @@
 /* A decode step's attention half of a decoder layer in one call (pdmix/kernels/cpu_block.py): from the
    layer's input x [T, hidden] to its residual h and the MLP's input y, as pdmix/models/layers.py's
    DecoderLayer computes them,
-       h = x + o_proj(attention(rotary(qkv_proj(input_layernorm(x))))),    y = post_attention_layernorm(h),
+       h = x + o_proj(attention(rotary(qk_norms(qkv_proj(input_layernorm(x)))))),   y = post_attention_layernorm(h),
    each step by the C function its separate call runs (norm.c, s8gemm.c or bf16gemm.c, rotary.c,
    attention.c with the step's cache write), so the bits are theirs; h rounded as torch adds two bf16
    tensors. bf16 models, one decode row per sequence. About twenty Python-level calls and torch ops a
@@ -41,7 +41,7 @@ struct block_norm {
 };
 
 struct attention_block {
-    struct block_norm in, post;
+    struct block_norm in, post, q, k; /* q, k: the per-head norms of Qwen3, w null where there are none */
     struct block_linear qkv, o, gate_up; /* gate_up: neither q8 nor w set where the MLP's input is the output */
     int64_t hidden, H, KV, D;
 };
@@ -78,6 +78,10 @@ int pdmix_attention_block(const struct attention_block *b, const struct decode_s
     if (!xn || !qkv || !q || !att || !o) goto done;
     pdmix_rms_norm(x, 1, T, hidden, b->in.w, b->in.bias, b->in.eps, xn, threads);
     if (run_linear(&b->qkv, xn, T, n_dynamic, qkv, threads)) goto done;
+    for (int64_t t = 0; b->q.w && t < T; t++) { /* each head's q and k rows normed in place */
+        pdmix_rms_norm(qkv + t * width, 1, b->H, D, b->q.w, b->q.bias, b->q.eps, qkv + t * width, threads);
+        pdmix_rms_norm(qkv + t * width + hd, 1, b->KV, D, b->k.w, b->k.bias, b->k.eps, qkv + t * width + hd, threads);
+    }
     pdmix_rotary(qkv, 1, T, b->H + b->KV, D, width, s->cos, s->sin, threads); /* q and k, in place */
     for (int64_t t = 0; t < T; t++) memcpy(q + t * hd, qkv + t * width, (size_t)hd * 2);
     if (pdmix_decode_attention(q, 1, T, b->H, b->KV, D, kc, vc, s->cache_bf16, s->block, s->tables, s->width,

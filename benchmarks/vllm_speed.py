@@ -51,13 +51,13 @@ def linear_bytes(model) -> int:
 
     from pdmix.vllm.linear import W8A8MixLinearMethod
     from pdmix.vllm.moe import W8A8DynamicMoEMethod
-    total, seen = 0, set()  # a storage shared by tensors (oneDNN's zero points of one width, experts' views) counts once
+    # every byte range once: tensors sharing memory (oneDNN's zero points of one width, experts' views of
+    # their stacked weight) count once, tensors side by side in one storage (pdmix's weight arena) each count
+    total, spans = 0, []
 
     def count(tensors) -> int:
-        new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
-               if t.untyped_storage().data_ptr() not in seen}
-        seen.update(new)
-        return sum(new.values())
+        spans.extend((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+        return 0
 
     for module in model.model.layers.modules():
         if isinstance(module, RoutedExperts):
@@ -77,6 +77,10 @@ def linear_bytes(model) -> int:
             k = getattr(module, "input_size_per_partition", module.input_size)
             n = getattr(module, "output_size_per_partition", module.output_size)
             total += w.nbytes if w.numel() else k * n * 2
+    end = 0
+    for start, stop in sorted(spans):  # the union of the ranges
+        total += max(stop - max(start, end), 0)
+        end = max(end, stop)
     return total
 
 

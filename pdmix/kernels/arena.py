@@ -10,8 +10,9 @@ A decode step streams every weight once, so how the weights lie in memory sets i
 On SmolLM2 one-thread decode that was 16.2 -> 15.0 ms a step for alignment and -> 13.3 ms with huge
 pages (docs/performance.md §7e). llama.cpp holds its weights in one buffer for the same reasons.
 
-The loader opens an arena sized by the checkpoint (`opened`); while it is open, `empty` and `place`
-hand out slices of it, in order. Outside one, or once it is full, they fall back to torch.empty and
+The loader opens an arena sized by the checkpoint (`opened`); the vLLM plugin, which prepares its
+layers one by one, puts its packed weights in `Chunks`. While one is open, `empty` and `place` hand out
+slices of it, in order. Outside one, or once it is full, they fall back to torch.empty and
 to the tensor itself, so nothing depends on it being open. Pages no tensor reached are never touched,
 so an arena sized by an upper bound costs address space, not memory.
 """
@@ -59,17 +60,38 @@ class Arena:
         return self.buffer[start:stop].view(dtype).view(shape)
 
 
-_open: list[Arena] = []
+class Chunks:
+    """Arenas of `chunk` bytes (or one tensor's size, if larger) opened one after another as each fills:
+    for a loader that cannot size one arena up front (vLLM's, which prepares its layers one by one). The
+    unused tail of a chunk is never touched."""
+
+    def __init__(self, chunk: int = 64 << 20):
+        self.chunk, self.current = chunk, None
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        t = None if self.current is None else self.current.empty(shape, dtype)
+        if t is None:
+            self.current = Arena(max(self.chunk, math.prod(shape) * dtype.itemsize))
+            t = self.current.empty(shape, dtype)
+        return t
+
+
+_open: list = []  # Arena or Chunks
 
 
 @contextlib.contextmanager
-def opened(nbytes: int):
-    """Tensors from empty() and place() go into one new arena of nbytes until the block ends."""
-    _open.append(Arena(nbytes))
+def using(arena: "Arena | Chunks"):
+    """Tensors from empty() and place() go into this arena until the block ends."""
+    _open.append(arena)
     try:
-        yield _open[-1]
+        yield arena
     finally:
         _open.pop()
+
+
+def opened(nbytes: int):
+    """using() a new arena of nbytes."""
+    return using(Arena(nbytes))
 
 
 def bytes_for(tensors: list[tuple[torch.dtype, list[int]]]) -> int:

@@ -138,10 +138,14 @@ class W8A8Linear:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """x [m, k] (bf16 or fp32) -> [m, n]: rows [0, n_dynamic) dynamic, or the rows where the bool
         `dynamic` [m] is set; into `out` (contiguous, the output dtype) when given."""
-        if dynamic is not None or out is not None or not x.is_contiguous() or x.dtype not in LINEAR_DTYPES:
+        if dynamic is not None or not x.is_contiguous() or x.dtype not in LINEAR_DTYPES:
             return _linear(x, n_dynamic, dynamic, self._args, self.out_dtype, out)
-        m = x.shape[0]  # the runtime's call: flat contiguous rows, a new output
-        y = torch.empty((m, self.n), dtype=self.out_dtype)
+        m = x.shape[0]  # the runtime's and the vLLM plugin's call: flat contiguous rows
+        if out is None:
+            y = torch.empty((m, self.n), dtype=self.out_dtype)
+        else:
+            assert out.is_contiguous() and out.dtype == self.out_dtype and out.shape == (m, self.n)
+            y = out
         if m and library()[0].pdmix_w8a8_linear_run(self._ref, x.data_ptr(), x.dtype == torch.bfloat16, m, None,
                                                     n_dynamic, y.data_ptr(), self.out_dtype == torch.bfloat16,
                                                     torch.get_num_threads()):

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from pdmix import kernels as pdmix_kernels
-from pdmix.kernels import onednn, s8gemm
+from pdmix.kernels import arena, onednn, s8gemm
 from pdmix.schemes.w8a8_mix import W8A8Params
 
 
@@ -121,6 +121,9 @@ class CPUKernel(_Kernel):
         torch.addcmul(self.bias_float, acc, s, out=out)
 
 
+_WEIGHTS = arena.Chunks()  # this process's CPUInt8Kernel weights
+
+
 class CPUInt8Kernel(_Kernel):
     """x86 CPUs (wherever the engine's cpu_int8 backend comes first: AVX2 or AVX-512 VNNI), through
     pdmix's own C linear (`pdmix/kernels/s8gemm.py`, the engine's cpu_int8 backend): quantization, an exact int8
@@ -130,8 +133,10 @@ class CPUInt8Kernel(_Kernel):
 
     def __init__(self, p: W8A8Params, out_dtype: torch.dtype, in_place: bool = False):
         super().__init__(p, out_dtype)
-        self.linear = s8gemm.W8A8Linear(s8gemm.Int8Weight(p.weight, in_place=in_place), p.input_scale, p.input_offset,
-                                        p.deq_scale, p.quant_bias, p.weight_scale, p.bias_float, out_dtype)
+        with arena.using(_WEIGHTS):  # the packed weights side by side on huge pages, as the engine's (kernels/arena.py)
+            weight = s8gemm.Int8Weight(p.weight, in_place=in_place)
+        self.linear = s8gemm.W8A8Linear(weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
+                                        p.weight_scale, p.bias_float, out_dtype)
         self.weight = self.linear.weight.data  # the one int8 copy
         self.deq_scale, self.quant_bias, self.weight_scale, self.bias_float = self.linear.vectors
 

@@ -201,7 +201,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, split=None) -> torch.Tensor:
         """x [T, hidden]: the rows of all sequences of a step, flattened."""
-        fused = self.decode_block and getattr(attn, "decode_block", None)
+        fused = self.decode_block and getattr(attn, "run_decode_layer", None)
         out = fused and fused(self.decode_block, self.self_attn.layer_idx, x, cos, sin, split)
         if out is not None:  # the same bits as the two lines below
             return out

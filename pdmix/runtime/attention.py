@@ -146,9 +146,9 @@ class PagedAttention:
 
     def __init__(self, cache: KVCache, meta: StepMetadata):
         self.cache, self.meta = cache, meta
-        self.step = None  # decode_block's inputs, made at its first call: False where it does not apply
+        self.step = None  # run_decode_layer's inputs, made at its first call: False where it does not apply
 
-    def decode_block(self, block, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
+    def run_decode_layer(self, block, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
         """A layer's output by its C calls (block: its runtime/decode_block.py form), or None for a step
         they do not take (prompt rows)."""
         if self.step is None:

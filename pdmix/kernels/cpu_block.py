@@ -1,11 +1,12 @@
-"""A decode step's decoder layer in two C calls (csrc/decode_block.c): input norm,
-q/k/v projection, rotary, the cache write and attention, o projection, the residual add and the post-
-attention norm, each by the C function its own call runs, so the bits are the separate calls'; and
-the MLP's down projection with the residual add. About twenty Python-level calls and torch ops a layer
-become two (SmolLM2, one thread: 11.6 -> 8.5 ms a decode step).
+"""A decode step's decoder layer in two C calls (csrc/decode_block.c). The first runs input norm,
+q/k/v projection (and Qwen3's q/k norms), rotary, the cache write and attention, o projection, the
+residual add, the post-attention norm and gate/up; the second the down projection and the residual
+add (silu(gate) * up between them stays torch's). Each step is the C function its own call runs, so
+the bits are the separate calls'. About twenty Python-level calls and torch ops a layer become two
+(SmolLM2, one thread: 11.6 -> 8.5 ms a decode step).
 
 Built by pdmix/runtime/decode_block.py for the layers it fits (bf16, the C library, fused q/k/v);
-this module only holds the C structs and makes the call.
+this module only holds the C structs and makes the calls.
 """
 
 import ctypes

@@ -40,3 +40,11 @@ def test_the_arena_hands_out_aligned_slices_in_order_and_steps_aside_when_full()
         assert arena.empty((2,), torch.float32).untyped_storage().data_ptr() != a.buffer.data_ptr()
     alone = torch.ones(3)
     assert arena.place(alone) is alone  # none open
+
+
+def test_an_arena_the_system_refuses_hands_out_nothing():
+    ones = torch.ones(3)
+    with arena.opened(1 << 62) as a:  # 4 EiB of address space: refused, so tensors go where torch puts them
+        assert a.buffer is None
+        assert arena.place(ones) is ones
+        assert arena.empty((2,), torch.int8).shape == (2,)

@@ -45,7 +45,11 @@ class Arena:
     """A bump allocator over one uint8 tensor, its usable part starting on a 2 MiB boundary."""
 
     def __init__(self, nbytes: int):
-        self.buffer = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: no page is faulted in yet
+        try:
+            self.buffer = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: no page is faulted in yet
+        except RuntimeError:  # more address space than the system grants at once: every tensor goes elsewhere
+            self.buffer, self.used, self.end, self.huge_pages = None, 0, 0, False
+            return
         self.used = -self.buffer.data_ptr() % HUGE_PAGE
         self.end = self.used + nbytes
         self.huge_pages = advise_huge_pages(self.buffer.data_ptr() + self.used, nbytes)

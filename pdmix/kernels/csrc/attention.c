@@ -15,13 +15,13 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "pdmix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
 #include <immintrin.h>
 #endif
 
-int pdmix_s8gemm_isa(void); /* s8gemm.c: 2 or more where the AVX2 paths run */
 
 /* The cache holds fp32, or bf16 (bf16 models: their keys and values are bf16 already, so storing them
    so is exact and halves what a decode step reads); every value is read as fp32, and the math is the
@@ -364,9 +364,6 @@ static void sequence_heads(const float *q, int64_t G, int64_t D, int64_t KV, int
     for (int64_t j = 0; j < heads; j++)
         for (int64_t d = 0; d < D; d++) o[j * D + d] /= den[j];
 }
-
-void pdmix_kv_write(const void *k, const void *v, int in_bf16, int64_t k_row, int64_t v_row, int64_t T, int64_t KV,
-                    int64_t D, const int64_t *slots, void *kc, void *vc, int cache_bf16, int64_t block);
 
 /* out [B, H, D] (bf16 if io_bf16, else fp32) from q [B, H, D] in the same dtype; the cache kc, vc in bf16
    if cache_bf16, else fp32; tables [B, table_width] int64, lengths [B] int64 (tokens in the cache, the new

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "pdmix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
@@ -24,7 +25,6 @@
    linear stream, AHEAD bytes past the end of the current four rows (24 GB/s). */
 #define AHEAD 4096
 
-int pdmix_s8gemm_isa(void);
 
 struct fproblem {
     const uint16_t *x, *w, *bias;

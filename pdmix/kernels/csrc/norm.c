@@ -11,13 +11,13 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "pdmix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
 #include <immintrin.h>
 #endif
 
-int pdmix_s8gemm_isa(void); /* s8gemm.c: 3 where AVX-512 (with BW, VL, VNNI) runs, capped by PDMIX_S8GEMM_ISA */
 
 static inline float element(const void *x, int bf16, int64_t p) {
     return bf16 ? bf16_to_float(((const uint16_t *)x)[p]) : ((const float *)x)[p];

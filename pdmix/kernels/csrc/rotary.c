@@ -12,13 +12,13 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "pdmix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1
 #include <immintrin.h>
 #endif
 
-int pdmix_s8gemm_isa(void);
 
 static inline float round_to(int bf16, float v) {
     return bf16 ? bf16_to_float(float_to_bf16(v)) : v;

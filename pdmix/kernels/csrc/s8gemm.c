@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "pdmix.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PDMIX_X86 1

@@ -12,6 +12,7 @@ import torch
 
 from pdmix.kernels import cpu_attention, cpu_block, cpu_float
 from pdmix.kernels.clib import library
+from pdmix.kernels.s8gemm import W8A8Linear
 from pdmix.models.layers import MLP, DecoderLayer, RMSNorm
 from pdmix.models.linear import FloatLinear, W8A8MixLinear
 
@@ -19,8 +20,8 @@ from pdmix.models.linear import FloatLinear, W8A8MixLinear
 def linear_form(m):
     """The C form of one linear (a W8A8Linear, or a bf16 float (weight, bias)), or None."""
     if isinstance(m, W8A8MixLinear) and not m.row_parallel:
-        c = getattr(m.kernel, "linear", None)
-        return c if c is not None and getattr(c, "out_dtype", None) == torch.bfloat16 else None
+        c = getattr(m.kernel, "linear", None)  # the cpu_int8 backend's whole linear in C
+        return c if isinstance(c, W8A8Linear) and c.out_dtype == torch.bfloat16 else None
     if type(m) is FloatLinear and not m.row_parallel and m.columns is None and m.batch_invariant:
         ok = m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() and cpu_float.usable(m.weight[:1], m.weight)
         return (m.weight, m.bias) if ok else None

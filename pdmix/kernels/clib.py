@@ -29,8 +29,6 @@ SIGNATURES = {  # name: (argument types, result type)
     "pdmix_s8pack": ([_p, _i64, _i64, _p], None),
     "pdmix_q8_0_gemm": ([_p, _p, _i64, _p, _p, _i64, _i64, _p, _int], _int),
     "pdmix_s8gemm_isa": ([], _int),
-    "pdmix_w8a8_linear": ([_p, _int, _i64, _p, _i64, _p, _int, _i64, _i64, _f32, _f32, _p, _p, _p, _p, _p, _int, _int],
-                          _int),
     "pdmix_w8a8_linear_run": ([_p, _p, _int, _i64, _p, _i64, _p, _int, _int], _int),
     "pdmix_decode_attention": ([_p, _int, _i64, _i64, _i64, _i64, _p, _p, _int, _i64, _p, _i64, _p, _f32, _p, _int,
                                 _p, _p, _i64, _i64, _p], _int),

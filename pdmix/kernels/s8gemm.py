@@ -86,34 +86,43 @@ def q8_0_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, w
 LINEAR_DTYPES = (torch.bfloat16, torch.float32)  # what w8a8_linear reads and writes
 
 
-def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, args: tuple, out_dtype: torch.dtype,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """One pdmix_w8a8_linear call; args: (weight, packed, n, k, input_scale, input_offset, deq_scale,
-    quant_bias, weight_scale, bias_float) as pointers and numbers."""
+class LinearStruct(ctypes.Structure):
+    """csrc/s8gemm.c's struct w8a8_linear: a W8A8_MIX linear's pointers and numbers, field for field,
+    passed by pointer (a call then converts 9 arguments, not 18: 3 -> 1.3 us)."""
+    _fields_ = [("w", ctypes.c_void_p), ("packed", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("input_scale", ctypes.c_float), ("input_offset", ctypes.c_float), ("deq_scale", ctypes.c_void_p),
+                ("quant_bias", ctypes.c_void_p), ("weight_scale", ctypes.c_void_p), ("bias_float", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, packed: bool, input_scale: float, input_offset: float, deq_scale, quant_bias,
+           weight_scale, bias_float) -> "LinearStruct":
+        """From the tensors as the C code reads them (contiguous; fp32 vectors, int32 quant_bias)."""
+        return cls(weight.data_ptr(), packed, weight.shape[0], weight.shape[1], input_scale, input_offset,
+                   deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
+                   None if bias_float is None else bias_float.data_ptr())
+
+
+def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, linear: LinearStruct,
+            out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One pdmix_w8a8_linear_run call on the linear described by `linear`."""
     assert x.dtype in LINEAR_DTYPES, x.dtype
-    x, m, n = x.contiguous(), x.shape[0], args[2]
+    x, m, n = x.contiguous(), x.shape[0], linear.n
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
     else:
         assert out.is_contiguous() and out.dtype == out_dtype and out.shape == (m, n)
     if dynamic is not None and not (dynamic.dtype in (torch.bool, torch.uint8) and dynamic.is_contiguous()):
         dynamic = dynamic.to(torch.uint8).contiguous()  # bool is one byte of 0 or 1: read as it is
-    if m and library()[0].pdmix_w8a8_linear(
-            x.data_ptr(), x.dtype == torch.bfloat16, m, None if dynamic is None else dynamic.data_ptr(), n_dynamic,
-            *args, out.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads()):
+    if m and library()[0].pdmix_w8a8_linear_run(
+            ctypes.byref(linear), x.data_ptr(), x.dtype == torch.bfloat16, m,
+            None if dynamic is None else dynamic.data_ptr(), n_dynamic, out.data_ptr(), out_dtype == torch.bfloat16,
+            torch.get_num_threads()):
         raise MemoryError(f"w8a8_linear: no memory for {m} x {x.shape[1]} activations")
     return out
 
 
-class LinearStruct(ctypes.Structure):
-    """csrc/s8gemm.c's struct w8a8_linear: W8A8Linear's pointers and numbers, field for field."""
-    _fields_ = [("w", ctypes.c_void_p), ("packed", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("input_scale", ctypes.c_float), ("input_offset", ctypes.c_float), ("deq_scale", ctypes.c_void_p),
-                ("quant_bias", ctypes.c_void_p), ("weight_scale", ctypes.c_void_p), ("bias_float", ctypes.c_void_p)]
-
-
 class W8A8Linear:
-    """A whole W8A8_MIX linear in one C call (`pdmix_w8a8_linear`): each row quantized on its path,
+    """A whole W8A8_MIX linear in one C call (`pdmix_w8a8_linear_run`): each row quantized on its path,
     one exact GEMM, each row's epilogue, the output in bf16 or fp32, bit for bit what
     pdmix/kernels/reference.py computes. Holds its tensors (the weight as an Int8Weight, input_scale,
     input_offset, deq_scale, quant_bias, weight_scale, bias_float or None), so a call passes only
@@ -128,29 +137,14 @@ class W8A8Linear:
         self.vectors = (f32(deq_scale), quant_bias.to(torch.int32).reshape(-1).contiguous(), f32(weight_scale),
                         None if bias_float is None else f32(bias_float))
         self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
-        self._args = (self.weight.data.data_ptr(), self.weight.packed, self.n, self.k, float(input_scale),
-                      float(input_offset), *(None if t is None else t.data_ptr() for t in self.vectors))
-        # the same as one C struct, passed by pointer: a call converts 9 arguments, not 18 (3 -> 1.3 us)
-        self._struct = LinearStruct(*self._args)
-        self._ref = ctypes.byref(self._struct)
+        self._struct = LinearStruct.of(self.weight.data, self.weight.packed, float(input_scale), float(input_offset),
+                                       *self.vectors)
 
     def __call__(self, x: torch.Tensor, n_dynamic: int = 0, dynamic: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """x [m, k] (bf16 or fp32) -> [m, n]: rows [0, n_dynamic) dynamic, or the rows where the bool
         `dynamic` [m] is set; into `out` (contiguous, the output dtype) when given."""
-        if dynamic is not None or not x.is_contiguous() or x.dtype not in LINEAR_DTYPES:
-            return _linear(x, n_dynamic, dynamic, self._args, self.out_dtype, out)
-        m = x.shape[0]  # the runtime's and the vLLM plugin's call: flat contiguous rows
-        if out is None:
-            y = torch.empty((m, self.n), dtype=self.out_dtype)
-        else:
-            assert out.is_contiguous() and out.dtype == self.out_dtype and out.shape == (m, self.n)
-            y = out
-        if m and library()[0].pdmix_w8a8_linear_run(self._ref, x.data_ptr(), x.dtype == torch.bfloat16, m, None,
-                                                    n_dynamic, y.data_ptr(), self.out_dtype == torch.bfloat16,
-                                                    torch.get_num_threads()):
-            raise MemoryError(f"w8a8_linear: no memory for {m} x {self.k} activations")
-        return y
+        return _linear(x, n_dynamic, dynamic, self._struct, self.out_dtype, out)
 
     def graph_tensors(self) -> tuple:
         """What `pdmix::w8a8_linear` takes after x and the row mask."""
@@ -164,11 +158,9 @@ def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row), on
     W8A8Linear's own tensors (`graph_tensors()`: contiguous, fp32 and int32, as the C code reads them)."""
-    args = (weight.data_ptr(), packed, weight.shape[0], weight.shape[1],
-            input_scale.item(), input_offset.item(),
-            deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
-            None if bias_float is None else bias_float.data_ptr())
-    return _linear(x, 0, dynamic, args, out_dtype)
+    linear = LinearStruct.of(weight, packed, input_scale.item(), input_offset.item(), deq_scale, quant_bias,
+                             weight_scale, bias_float)
+    return _linear(x, 0, dynamic, linear, out_dtype)
 
 
 @w8a8_linear_op.register_fake

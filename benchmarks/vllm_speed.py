@@ -55,22 +55,21 @@ def linear_bytes(model) -> int:
     # their stacked weight) count once, tensors side by side in one storage (pdmix's weight arena) each count
     total, spans = 0, []
 
-    def count(tensors) -> int:
+    def add(tensors) -> None:
         spans.extend((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
-        return 0
 
     for module in model.model.layers.modules():
         if isinstance(module, RoutedExperts):
             method = module.quant_method
-            total += count(list(module.parameters()))
+            add(module.parameters())
             if isinstance(method, W8A8DynamicMoEMethod) and method.experts is not None:
-                total += count(t for kernels in method.experts for k in kernels for t in k.tensors().values())
+                add(t for kernels in method.experts for k in kernels for t in k.tensors().values())
             continue
         if not isinstance(module, LinearBase):
             continue
         method = module.quant_method
         if isinstance(method, W8A8MixLinearMethod):
-            total += count(method.kernel.tensors().values())
+            add(method.kernel.tensors().values())
             total += method.float_weight.nbytes if method.float_cols is not None else 0
         else:
             w = module.weight

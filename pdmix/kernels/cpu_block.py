@@ -76,7 +76,7 @@ class AttentionBlock:
                                            linear_struct(o), BlockLinear() if gate_up is None else linear_struct(gate_up),
                                            hidden, *heads)
         self.down_struct = None if down is None else linear_struct(down)
-        self.ref, self.hidden, self.head_dim = ctypes.byref(self.struct), hidden, heads[2]
+        self.ref, self.head_dim = ctypes.byref(self.struct), heads[2]
         self.out_features = hidden if gate_up is None else self.struct.gate_up.n
 
     def __call__(self, x: torch.Tensor, step: DecodeStep, cache_k: torch.Tensor, cache_v: torch.Tensor,

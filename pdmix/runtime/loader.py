@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pdmix.format.description import is_quant_checkpoint, read_description
+from pdmix.format.inspect import FLOAT_DTYPES, ITEM_BYTES
 from pdmix.format.names import DYNAMIC_TYPE, QUANT_SUFFIXES, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.kernels import arena, cpu_norm
@@ -69,17 +70,14 @@ def load_model(cfg: ModelConfig, device: torch.device, tp: TP = TP(), kernel: st
     return model
 
 
-STORED_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
-
-
 def arena_bytes(reader: SafetensorsFolder, cfg: ModelConfig, lm_head: str) -> int:
     """An upper bound on what the loader places in the arena: every stored tensor (float ones at the
     wider of their stored and the model's dtype), and the int8 lm_head's codes and block scales."""
     tensors = []
     for name in reader.names():
         dtype, shape = reader.meta(name)
-        size = STORED_BYTES.get(dtype, 8)
-        if dtype in ("BF16", "F16", "F32", "F64"):
+        size = ITEM_BYTES.get(dtype, 1)
+        if dtype in FLOAT_DTYPES:
             size = max(size, cfg.dtype.itemsize)
         tensors.append((torch.uint8, [size, *shape]))
     if lm_head == "int8":

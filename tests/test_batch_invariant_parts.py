@@ -129,6 +129,47 @@ def test_c_attention_and_cache_write_agree_with_the_torch_forms(monkeypatch, tmp
     assert torch.equal(torch.load(tmp_path / "out.pt"), cpu_attention.decode(*args))
 
 
+def test_c_attention_vector_paths_give_the_portable_paths_bits(tmp_path):
+    """Decode attention on each of its paths (AVX2, and AVX-512 where this CPU has it; forced in child
+    processes) gives its portable C path's bits: head shapes that reach every tile and tail (1-8 query
+    heads per kv head, head_dim 16-128 and not a multiple of 8 or 16), blocks of 16 and 128 in shuffled
+    order with lengths ending mid-tile, fp32 and bf16 caches and rows."""
+    if cpu_attention.library()[0] is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for kv, group, d, block, dtype in ((3, 3, 64, 128, torch.bfloat16), (2, 1, 128, 16, torch.bfloat16),
+                                       (1, 8, 64, 16, torch.float32), (2, 5, 40, 16, torch.bfloat16),
+                                       (4, 2, 128, 128, torch.float32), (1, 7, 16, 16, torch.bfloat16),
+                                       (2, 4, 72, 128, torch.bfloat16)):
+        lengths = torch.tensor([1, 31, 33, 200, 161])
+        width = -(-int(lengths.max()) // block)
+        tables = torch.randperm(len(lengths) * width, generator=g).view(len(lengths), width)
+        kc = torch.randn(tables.numel(), kv, d, block, generator=g).to(dtype)
+        vc = torch.randn(tables.numel(), kv, block, d, generator=g).to(dtype)
+        q = torch.randn(len(lengths), kv * group, d, generator=g).to(dtype)
+        cases.append((q, kc, vc, tables, lengths, d ** -0.5))
+    torch.save(cases, tmp_path / "in.pt")
+    code = ("import sys, torch; from pdmix.kernels import clib, cpu_attention; c = torch.load(sys.argv[1]); "
+            "torch.save((clib.isa(), [cpu_attention.decode(*a) for a in c]), sys.argv[2])")
+    out = {}
+    for cap in ("plain", "avx2", None):
+        env = {**os.environ, "PDMIX_S8GEMM_ISA": cap} if cap else os.environ
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / f"{cap}.pt")],
+                       check=True, env=env)
+        out[cap] = torch.load(tmp_path / f"{cap}.pt")
+    assert out["plain"][0] == "plain"
+    for cap in ("avx2", None):
+        for i, (a, b) in enumerate(zip(out[cap][1], out["plain"][1])):
+            assert torch.equal(a, b), (out[cap][0], i)
+    for a, (q, kc, vc, tables, lengths, scale) in zip(out["plain"][1], cases):  # and it is attention
+        b = int(lengths[3])
+        keys = kc[tables[3]].permute(0, 3, 1, 2).reshape(-1, kc.shape[1], kc.shape[2])[:b]
+        values = vc[tables[3]].permute(0, 2, 1, 3).reshape(-1, vc.shape[1], vc.shape[3])[:b]
+        want = softmax_attention(q[3].float(), keys.float(), values.float())
+        assert (a[3].double() - want).abs().max() < 1e-2 * want.abs().max()
+
+
 @pytest.mark.parametrize("cap", ["plain", "avx2", None])
 def test_c_float_linear_every_path_is_row_invariant_and_close_to_float64(tmp_path, cap):
     """The C bf16 linear on each of its paths (forced below this CPU's in a child process): a row's

@@ -34,6 +34,19 @@ static inline const void *kv_ptr(const void *p, int bf16, int64_t i) {
     return (const char *)p + i * (bf16 ? 2 : 4);
 }
 
+/* Cache lines to fetch ahead (sequence_heads sets them), a line or two per iteration of the loops
+   below: issued all at once, a slice's prefetches filled the queue of outstanding misses and stalled
+   the loads behind them, so reading the cache and computing took turns instead of overlapping (cold,
+   SmolLM2's layers at 576 tokens: 51 -> 37 us a layer). */
+struct ahead {
+    const char *p;
+    int64_t lines;
+};
+
+static inline void ahead_step(struct ahead *a) {
+    for (int i = 0; i < 2 && a->lines > 0; i++, a->lines--, a->p += 64) __builtin_prefetch(a->p, 0, 2);
+}
+
 /* Scores of the group's G query heads q [G, D] against one block's keys k [D, block] (n tokens):
    s[j * stride + t] = sum_d q[j][d] * k[d][t], summed over d in order (the AVX2 form does the same
    multiplications and additions, 8 tokens a lane each, so both give the same bits). */
@@ -79,9 +92,10 @@ AVX2 static inline __m256 load8(const void *p, int bf16, int64_t i) {
 /* up to 2 groups of 8 tokens (T) x up to 4 heads (J), constants after inlining */
 AVX2 static inline __attribute__((always_inline)) void scores_tile(const float *q, int J, int64_t D, const void *k,
                                                                     int BF, int64_t block, int T, float *s,
-                                                                    int64_t stride) {
+                                                                    int64_t stride, struct ahead *ah) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     for (int64_t d = 0; d < D; d++) {
+        ahead_step(ah);
         __m256 k0 = load8(k, BF, d * block), k1 = T > 1 ? load8(k, BF, d * block + LANES) : k0;
 #define HEAD(j)                                                                                            \
         if (J > j) {                                                                                       \
@@ -103,7 +117,8 @@ AVX2 static inline __attribute__((always_inline)) void scores_tile(const float *
 
 AVX2 static inline __attribute__((always_inline)) void block_scores_avx2(const float *q, int64_t G, int64_t D,
                                                                           const void *k, int BF, int64_t block,
-                                                                          int64_t n, float *s, int64_t stride) {
+                                                                          int64_t n, float *s, int64_t stride,
+                                                                          struct ahead *ah) {
     int64_t t = 0;
     for (; t + LANES <= n; t += 2 * LANES) {
         int two = t + 2 * LANES <= n;
@@ -113,15 +128,15 @@ AVX2 static inline __attribute__((always_inline)) void block_scores_avx2(const f
             const float *qj = q + j0 * D;
             float *sj = s + j0 * stride + t;
             if (two) {
-                if (gj == 4) scores_tile(qj, 4, D, kt, BF, block, 2, sj, stride);
-                else if (gj == 3) scores_tile(qj, 3, D, kt, BF, block, 2, sj, stride);
-                else if (gj == 2) scores_tile(qj, 2, D, kt, BF, block, 2, sj, stride);
-                else scores_tile(qj, 1, D, kt, BF, block, 2, sj, stride);
+                if (gj == 4) scores_tile(qj, 4, D, kt, BF, block, 2, sj, stride, ah);
+                else if (gj == 3) scores_tile(qj, 3, D, kt, BF, block, 2, sj, stride, ah);
+                else if (gj == 2) scores_tile(qj, 2, D, kt, BF, block, 2, sj, stride, ah);
+                else scores_tile(qj, 1, D, kt, BF, block, 2, sj, stride, ah);
             } else {
-                if (gj == 4) scores_tile(qj, 4, D, kt, BF, block, 1, sj, stride);
-                else if (gj == 3) scores_tile(qj, 3, D, kt, BF, block, 1, sj, stride);
-                else if (gj == 2) scores_tile(qj, 2, D, kt, BF, block, 1, sj, stride);
-                else scores_tile(qj, 1, D, kt, BF, block, 1, sj, stride);
+                if (gj == 4) scores_tile(qj, 4, D, kt, BF, block, 1, sj, stride, ah);
+                else if (gj == 3) scores_tile(qj, 3, D, kt, BF, block, 1, sj, stride, ah);
+                else if (gj == 2) scores_tile(qj, 2, D, kt, BF, block, 1, sj, stride, ah);
+                else scores_tile(qj, 1, D, kt, BF, block, 1, sj, stride, ah);
             }
         }
         if (!two) t -= LANES; /* one group of 8 done: the loop's step assumed two */
@@ -130,23 +145,25 @@ AVX2 static inline __attribute__((always_inline)) void block_scores_avx2(const f
 }
 
 AVX2 static void block_scores_f32(const float *q, int64_t G, int64_t D, const void *k, int64_t block, int64_t n,
-                                  float *s, int64_t stride) {
-    block_scores_avx2(q, G, D, k, 0, block, n, s, stride);
+                                  float *s, int64_t stride, struct ahead *ah) {
+    block_scores_avx2(q, G, D, k, 0, block, n, s, stride, ah);
 }
 
 AVX2 static void block_scores_bf16(const float *q, int64_t G, int64_t D, const void *k, int64_t block, int64_t n,
-                                   float *s, int64_t stride) {
-    block_scores_avx2(q, G, D, k, 1, block, n, s, stride);
+                                   float *s, int64_t stride, struct ahead *ah) {
+    block_scores_avx2(q, G, D, k, 1, block, n, s, stride, ah);
 }
 
 /* block_values_plain for dimensions [d0, d0 + 8 * W) of one head, W (1-8) groups of 8 lanes at once */
 AVX2 static inline __attribute__((always_inline)) void values_tile(const float *e, int64_t D, const void *v, int BF,
-                                                                    int64_t n, int64_t d0, int W, float *o) {
+                                                                    int64_t n, int64_t d0, int W, float *o,
+                                                                    struct ahead *ah) {
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
 #define IN(w) if (W > w) c##w = _mm256_loadu_ps(o + d0 + w * LANES);
     IN(0) IN(1) IN(2) IN(3) IN(4) IN(5) IN(6) IN(7)
 #undef IN
     for (int64_t u = 0; u < n; u++) {
+        ahead_step(ah);
         __m256 et = _mm256_set1_ps(e[u]);
         int64_t vu = u * D + d0;
 #define DIM(w) if (W > w) MADD8(c##w, et, load8(v, BF, vu + w * LANES));
@@ -160,34 +177,177 @@ AVX2 static inline __attribute__((always_inline)) void values_tile(const float *
 
 AVX2 static inline __attribute__((always_inline)) void block_values_avx2(const float *e, int64_t G, int64_t D,
                                                                           const void *v, int BF, int64_t n,
-                                                                          int64_t stride, float *o) {
+                                                                          int64_t stride, float *o, struct ahead *ah) {
     int64_t groups = D / LANES;
     for (int64_t j = 0; j < G; j++)
         for (int64_t d0 = 0, left = groups; left > 0; d0 += 8 * LANES, left -= 8) {
             const float *ej = e + j * stride;
             float *oj = o + j * D;
             switch (left < 8 ? left : 8) {
-            case 8: values_tile(ej, D, v, BF, n, d0, 8, oj); break;
-            case 7: values_tile(ej, D, v, BF, n, d0, 7, oj); break;
-            case 6: values_tile(ej, D, v, BF, n, d0, 6, oj); break;
-            case 5: values_tile(ej, D, v, BF, n, d0, 5, oj); break;
-            case 4: values_tile(ej, D, v, BF, n, d0, 4, oj); break;
-            case 3: values_tile(ej, D, v, BF, n, d0, 3, oj); break;
-            case 2: values_tile(ej, D, v, BF, n, d0, 2, oj); break;
-            default: values_tile(ej, D, v, BF, n, d0, 1, oj); break;
+            case 8: values_tile(ej, D, v, BF, n, d0, 8, oj, ah); break;
+            case 7: values_tile(ej, D, v, BF, n, d0, 7, oj, ah); break;
+            case 6: values_tile(ej, D, v, BF, n, d0, 6, oj, ah); break;
+            case 5: values_tile(ej, D, v, BF, n, d0, 5, oj, ah); break;
+            case 4: values_tile(ej, D, v, BF, n, d0, 4, oj, ah); break;
+            case 3: values_tile(ej, D, v, BF, n, d0, 3, oj, ah); break;
+            case 2: values_tile(ej, D, v, BF, n, d0, 2, oj, ah); break;
+            default: values_tile(ej, D, v, BF, n, d0, 1, oj, ah); break;
             }
         }
     block_values_plain(e, G, D, v, BF, n, stride, groups * LANES, o); /* the last dimensions */
 }
 
 AVX2 static void block_values_f32(const float *e, int64_t G, int64_t D, const void *v, int64_t n, int64_t stride,
-                                  float *o) {
-    block_values_avx2(e, G, D, v, 0, n, stride, o);
+                                  float *o, struct ahead *ah) {
+    block_values_avx2(e, G, D, v, 0, n, stride, o, ah);
 }
 
 AVX2 static void block_values_bf16(const float *e, int64_t G, int64_t D, const void *v, int64_t n, int64_t stride,
-                                   float *o) {
-    block_values_avx2(e, G, D, v, 1, n, stride, o);
+                                   float *o, struct ahead *ah) {
+    block_values_avx2(e, G, D, v, 1, n, stride, o, ah);
+}
+
+/* The AVX-512 forms: the same lanes' operations again, 16 lanes wide, and the values pass reads each
+   value once for all the heads of its tile (the AVX2 one converts it again for every head). */
+#define WIDE __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define MADD16(acc, a, b) acc = _mm512_add_ps(acc, _mm512_mul_ps(a, b))
+
+WIDE static inline __m512 load16(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* up to 2 groups of 16 tokens (T) x up to 4 heads (J) */
+WIDE static inline __attribute__((always_inline)) void scores_tile16(const float *q, int J, int64_t D, const void *k,
+                                                                      int BF, int64_t block, int T, float *s,
+                                                                      int64_t stride, struct ahead *ah) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (int64_t d = 0; d < D; d++) {
+        ahead_step(ah);
+        __m512 k0 = load16(k, BF, d * block), k1 = T > 1 ? load16(k, BF, d * block + 16) : k0;
+#define HEAD(j)                                                                                            \
+        if (J > j) {                                                                                       \
+            __m512 qd = _mm512_set1_ps(q[j * D + d]);                                                      \
+            MADD16(a0##j, qd, k0);                                                                         \
+            if (T > 1) MADD16(a1##j, qd, k1);                                                              \
+        }
+        HEAD(0) HEAD(1) HEAD(2) HEAD(3)
+#undef HEAD
+    }
+#define STORE(j)                                                                                           \
+    if (J > j) {                                                                                           \
+        _mm512_storeu_ps(s + j * stride, a0##j);                                                           \
+        if (T > 1) _mm512_storeu_ps(s + j * stride + 16, a1##j);                                           \
+    }
+    STORE(0) STORE(1) STORE(2) STORE(3)
+#undef STORE
+}
+
+#define SCORES16(T)                                                                                        \
+    for (int64_t j0 = 0; j0 < G; j0 += 4) {                                                                \
+        int64_t gj = G - j0 < 4 ? G - j0 : 4;                                                              \
+        const float *qj = q + j0 * D;                                                                      \
+        float *sj = s + j0 * stride + t;                                                                   \
+        if (gj == 4) scores_tile16(qj, 4, D, kt, BF, block, T, sj, stride, ah);                                \
+        else if (gj == 3) scores_tile16(qj, 3, D, kt, BF, block, T, sj, stride, ah);                           \
+        else if (gj == 2) scores_tile16(qj, 2, D, kt, BF, block, T, sj, stride, ah);                           \
+        else scores_tile16(qj, 1, D, kt, BF, block, T, sj, stride, ah);                                        \
+    }
+
+WIDE static inline __attribute__((always_inline)) void block_scores_wide(const float *q, int64_t G, int64_t D,
+                                                                          const void *k, int BF, int64_t block,
+                                                                          int64_t n, float *s, int64_t stride,
+                                                                          struct ahead *ah) {
+    int64_t t = 0;
+    for (; t + 32 <= n; t += 32) {
+        const void *kt = kv_ptr(k, BF, t);
+        SCORES16(2)
+    }
+    for (; t + 16 <= n; t += 16) {
+        const void *kt = kv_ptr(k, BF, t);
+        SCORES16(1)
+    }
+    if (t < n) block_scores_avx2(q, G, D, kv_ptr(k, BF, t), BF, block, n - t, s + t, stride, ah);
+}
+#undef SCORES16
+
+WIDE static void block_scores_f32_wide(const float *q, int64_t G, int64_t D, const void *k, int64_t block, int64_t n,
+                                       float *s, int64_t stride, struct ahead *ah) {
+    block_scores_wide(q, G, D, k, 0, block, n, s, stride, ah);
+}
+
+WIDE static void block_scores_bf16_wide(const float *q, int64_t G, int64_t D, const void *k, int64_t block, int64_t n,
+                                        float *s, int64_t stride, struct ahead *ah) {
+    block_scores_wide(q, G, D, k, 1, block, n, s, stride, ah);
+}
+
+/* dimensions [d0, d0 + 16 W) of J heads (W, J 1-4): each token's values read once for the J heads */
+WIDE static inline __attribute__((always_inline)) void values_tile16(const float *e, int64_t stride, int J, int64_t D,
+                                                                      const void *v, int BF, int64_t n, int64_t d0,
+                                                                      int W, float *o, struct ahead *ah) {
+    __m512 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33;
+#define IN(j, w) if (J > j && W > w) c##j##w = _mm512_loadu_ps(o + j * D + d0 + w * 16);
+    IN(0, 0) IN(0, 1) IN(0, 2) IN(0, 3) IN(1, 0) IN(1, 1) IN(1, 2) IN(1, 3)
+    IN(2, 0) IN(2, 1) IN(2, 2) IN(2, 3) IN(3, 0) IN(3, 1) IN(3, 2) IN(3, 3)
+#undef IN
+    for (int64_t u = 0; u < n; u++) {
+        ahead_step(ah);
+        int64_t vu = u * D + d0;
+        __m512 v0 = load16(v, BF, vu), v1 = W > 1 ? load16(v, BF, vu + 16) : v0;
+        __m512 v2 = W > 2 ? load16(v, BF, vu + 32) : v0, v3 = W > 3 ? load16(v, BF, vu + 48) : v0;
+#define HEAD(j)                                                                                            \
+        if (J > j) {                                                                                       \
+            __m512 et = _mm512_set1_ps(e[j * stride + u]);                                                 \
+            MADD16(c##j##0, et, v0);                                                                       \
+            if (W > 1) MADD16(c##j##1, et, v1);                                                            \
+            if (W > 2) MADD16(c##j##2, et, v2);                                                            \
+            if (W > 3) MADD16(c##j##3, et, v3);                                                            \
+        }
+        HEAD(0) HEAD(1) HEAD(2) HEAD(3)
+#undef HEAD
+    }
+#define OUT(j, w) if (J > j && W > w) _mm512_storeu_ps(o + j * D + d0 + w * 16, c##j##w);
+    OUT(0, 0) OUT(0, 1) OUT(0, 2) OUT(0, 3) OUT(1, 0) OUT(1, 1) OUT(1, 2) OUT(1, 3)
+    OUT(2, 0) OUT(2, 1) OUT(2, 2) OUT(2, 3) OUT(3, 0) OUT(3, 1) OUT(3, 2) OUT(3, 3)
+#undef OUT
+}
+
+#define VALUES16(J)                                                                                        \
+    switch (left < 4 ? left : 4) {                                                                         \
+    case 4: values_tile16(ej, stride, J, D, v, BF, n, d0, 4, oj, ah); break;                                   \
+    case 3: values_tile16(ej, stride, J, D, v, BF, n, d0, 3, oj, ah); break;                                   \
+    case 2: values_tile16(ej, stride, J, D, v, BF, n, d0, 2, oj, ah); break;                                   \
+    default: values_tile16(ej, stride, J, D, v, BF, n, d0, 1, oj, ah); break;                                  \
+    }
+
+WIDE static inline __attribute__((always_inline)) void block_values_wide(const float *e, int64_t G, int64_t D,
+                                                                          const void *v, int BF, int64_t n,
+                                                                          int64_t stride, float *o, struct ahead *ah) {
+    int64_t groups = D / 16;
+    for (int64_t j0 = 0; j0 < G; j0 += 4) {
+        int64_t gj = G - j0 < 4 ? G - j0 : 4;
+        const float *ej = e + j0 * stride;
+        float *oj = o + j0 * D;
+        for (int64_t d0 = 0, left = groups; left > 0; d0 += 64, left -= 4) {
+            if (gj == 4) { VALUES16(4) }
+            else if (gj == 3) { VALUES16(3) }
+            else if (gj == 2) { VALUES16(2) }
+            else { VALUES16(1) }
+        }
+    }
+    block_values_plain(e, G, D, v, BF, n, stride, groups * 16, o); /* the last dimensions */
+}
+#undef VALUES16
+
+WIDE static void block_values_f32_wide(const float *e, int64_t G, int64_t D, const void *v, int64_t n, int64_t stride,
+                                       float *o, struct ahead *ah) {
+    block_values_wide(e, G, D, v, 0, n, stride, o, ah);
+}
+
+WIDE static void block_values_bf16_wide(const float *e, int64_t G, int64_t D, const void *v, int64_t n, int64_t stride,
+                                        float *o, struct ahead *ah) {
+    block_values_wide(e, G, D, v, 1, n, stride, o, ah);
 }
 #endif
 
@@ -298,14 +458,18 @@ struct walk {
     int bf16;
 };
 
-/* at: the piece being computed; slice: its part [slice * SLICE, slice * SLICE + SLICE) of the block */
-static void fetch_ahead(const struct walk *w, int64_t at, int64_t slice) {
+/* at: the piece being computed; slice: its part [slice * SLICE, slice * SLICE + SLICE) of the block. The
+   slice's lines of the piece AHEAD_PIECES ahead become a's, to be fetched as the slice is computed (what
+   is left of a's previous lines first, at once). */
+static void fetch_ahead(const struct walk *w, int64_t at, int64_t slice, struct ahead *a) {
+    while (a->lines > 0) ahead_step(a);
     int64_t p = at + AHEAD_PIECES, bytes = w->span * (w->bf16 ? 2 : 4) / w->slices;
     if (p >= 2 * w->pieces) return;
     const void *c = p < w->pieces ? w->kc : w->vc;
     p %= w->pieces;
     const char *start = (const char *)kv_ptr(c, w->bf16, (w->table[p / w->heads] * w->KV + w->g0 + p % w->heads) * w->span);
-    for (int64_t i = slice * bytes; i < (slice + 1) * bytes; i += 64) __builtin_prefetch(start + i, 0, 2);
+    a->p = start + slice * bytes;
+    a->lines = (bytes + 63) / 64;
 }
 
 /* One sequence's kv heads [g0, g1) (G query heads each): q [(g1 - g0) * G, D] -> o, the same shape, and
@@ -314,27 +478,33 @@ static void fetch_ahead(const struct walk *w, int64_t at, int64_t slice) {
 static void sequence_heads(const float *q, int64_t G, int64_t D, int64_t KV, int64_t g0, int64_t g1, const void *kc,
                            const void *vc, int bf16, int64_t block, const int64_t *table, int64_t len, float scale,
                            float *scores, int64_t stride, float *o, float *den) {
-    int fast = 0;
+    int fast = 0, wide = 0;
 #ifdef PDMIX_X86
     fast = pdmix_s8gemm_isa() >= 2;
+    wide = pdmix_s8gemm_isa() == 3;
 #endif
     int64_t span = D * block, heads = (g1 - g0) * G, blocks = (len + block - 1) / block;
     int64_t slices = block % SLICE ? 1 : block / SLICE, width = block / slices; /* tokens per slice */
     struct walk w = {kc, vc, table, KV, g0, g1 - g0, blocks * (g1 - g0), span, slices, bf16};
+    struct ahead ah = {0, 0};
     for (int64_t p = -AHEAD_PIECES; p < 0; p++)
-        for (int64_t i = 0; i < slices; i++) fetch_ahead(&w, p, i);
+        for (int64_t i = 0; i < slices; i++) fetch_ahead(&w, p, i, &ah);
     for (int64_t b = 0; b < blocks; b++) /* the keys: scores */
         for (int64_t g = g0; g < g1; g++) {
             const void *k = kv_ptr(kc, bf16, (table[b] * KV + g) * span); /* [D, block] */
             const float *qg = q + (g - g0) * G * D;
             float *s = scores + (g - g0) * G * stride + b * block;
             for (int64_t i = 0, t = 0; i < slices; i++, t += width) {
-                fetch_ahead(&w, b * w.heads + g - g0, i);
+                fetch_ahead(&w, b * w.heads + g - g0, i, &ah);
                 int64_t n = len - b * block - t < width ? len - b * block - t : width;
                 if (n <= 0) continue;
 #ifdef PDMIX_X86
+                if (wide) {
+                    (bf16 ? block_scores_bf16_wide : block_scores_f32_wide)(qg, G, D, kv_ptr(k, bf16, t), block, n, s + t, stride, &ah);
+                    continue;
+                }
                 if (fast) {
-                    (bf16 ? block_scores_bf16 : block_scores_f32)(qg, G, D, kv_ptr(k, bf16, t), block, n, s + t, stride);
+                    (bf16 ? block_scores_bf16 : block_scores_f32)(qg, G, D, kv_ptr(k, bf16, t), block, n, s + t, stride, &ah);
                     continue;
                 }
 #endif
@@ -349,12 +519,16 @@ static void sequence_heads(const float *q, int64_t G, int64_t D, int64_t KV, int
             const float *e = scores + (g - g0) * G * stride + b * block;
             float *og = o + (g - g0) * G * D;
             for (int64_t i = 0, t = 0; i < slices; i++, t += width) {
-                fetch_ahead(&w, w.pieces + b * w.heads + g - g0, i);
+                fetch_ahead(&w, w.pieces + b * w.heads + g - g0, i, &ah);
                 int64_t n = len - b * block - t < width ? len - b * block - t : width;
                 if (n <= 0) continue;
 #ifdef PDMIX_X86
+                if (wide) {
+                    (bf16 ? block_values_bf16_wide : block_values_f32_wide)(e + t, G, D, kv_ptr(v, bf16, t * D), n, stride, og, &ah);
+                    continue;
+                }
                 if (fast) {
-                    (bf16 ? block_values_bf16 : block_values_f32)(e + t, G, D, kv_ptr(v, bf16, t * D), n, stride, og);
+                    (bf16 ? block_values_bf16 : block_values_f32)(e + t, G, D, kv_ptr(v, bf16, t * D), n, stride, og, &ah);
                     continue;
                 }
 #endif

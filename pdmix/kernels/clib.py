@@ -38,6 +38,7 @@ SIGNATURES = {  # name: (argument types, result type)
     "pdmix_rotary": ([_p, _int, _i64, _i64, _i64, _i64, _p, _p, _int], None),
     "pdmix_attention_block": ([_p, _p, _p, _i64, _i64, _p, _p, _p, _p, _int], _int),
     "pdmix_linear_residual": ([_p, _p, _i64, _i64, _p, _p, _int], _int),
+    "pdmix_decode_layers": ([_p, _i64, _p, _p, _p, _i64, _i64, _int], _int),
     "pdmix_kv_write": ([_p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _int, _i64], None),
 }
 

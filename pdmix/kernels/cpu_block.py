@@ -3,13 +3,15 @@ q/k/v projection (and Qwen3's q/k norms), rotary, the cache write and attention,
 residual add, the post-attention norm and gate/up; the second the down projection and the residual
 add (silu(gate) * up between them stays torch's). Each step is the C function its own call runs, so
 the bits are the separate calls'. About twenty Python-level calls and torch ops a layer become two
-(SmolLM2, one thread: 11.6 -> 8.5 ms a decode step).
+(SmolLM2, one thread: 11.6 -> 8.5 ms a decode step). Where every layer has both calls, the whole
+stack is one (`Stack`), with silu(gate) * up by a table of torch's own bf16 silu.
 
 Built by pdmix/runtime/decode_block.py for the layers it fits (bf16, the C library, fused q/k/v);
 this module only holds the C structs and makes the calls.
 """
 
 import ctypes
+import weakref
 
 import torch
 
@@ -98,4 +100,32 @@ class AttentionBlock:
         if library()[0].pdmix_linear_residual(ctypes.byref(self.down_struct), act.data_ptr(), act.shape[0], n_dynamic,
                                               residual.data_ptr(), out.data_ptr(), torch.get_num_threads()):
             raise MemoryError("decode block: no memory for the down projection's rows")
+        return out
+
+
+class DecodeLayerStruct(ctypes.Structure):
+    _fields_ = [("attn", _p), ("down", _p), ("kc", _p), ("vc", _p)]
+
+
+class Stack:
+    """Every layer of a decode step in one call (pdmix_decode_layers): blocks, AttentionBlocks that all
+    have gate_up and down; silu: int16 [65536], torch's bf16 silu of each bf16 bit pattern (see
+    runtime/decode_block.silu_table). The call's layer array is made once per cache (a KVCache)."""
+
+    def __init__(self, blocks: list[AttentionBlock], silu: torch.Tensor):
+        assert blocks and all(b.down_struct is not None for b in blocks)
+        self.blocks, self.silu, self.head_dim = blocks, silu.contiguous(), blocks[0].head_dim
+        self.layers, self.for_cache = None, lambda: None
+
+    def __call__(self, x: torch.Tensor, step: DecodeStep, cache, n_dynamic: int) -> torch.Tensor:
+        """x [T, hidden] bf16 -> the last layer's output; cache: the KVCache (its per-layer k and v)."""
+        if self.for_cache() is not cache:
+            self.layers = (DecodeLayerStruct * len(self.blocks))(*(
+                DecodeLayerStruct(ctypes.addressof(b.struct), ctypes.addressof(b.down_struct), k.data_ptr(), v.data_ptr())
+                for b, k, v in zip(self.blocks, cache.k, cache.v)))
+            self.for_cache = weakref.ref(cache)
+        out = x.clone(memory_format=torch.contiguous_format)
+        if library()[0].pdmix_decode_layers(self.layers, len(self.blocks), step.ref, self.silu.data_ptr(), out.data_ptr(),
+                                            out.shape[0], n_dynamic, torch.get_num_threads()):
+            raise MemoryError("decode stack: no memory for its scratch rows")
         return out

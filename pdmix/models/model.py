@@ -34,6 +34,7 @@ class CausalLM(nn.Module):
         self.head_int8 = None  # the int8 form of lm_head, when chosen (pdmix/models/lm_head.py)
         self.rotary = Rotary(cfg, embed.device)
         self.decoder = run_layers
+        self.decode_stack = None  # the runtime's decode-only steps in one C call, where it fits (runtime/decode_block.py)
 
     def use_int8_head(self) -> None:
         """Compute logits with an int8 lm_head (built here, on the weight's device); an untied float
@@ -51,6 +52,10 @@ class CausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden] (after the last norm)."""
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(positions)
+        stack = self.decode_stack and getattr(attn, "run_decode_stack", None)
+        out = stack and stack(self.decode_stack, x, cos, sin, split)
+        if out is not None:  # the same bits as the decoder's layers
+            return self.norm(out)
         return self.decoder(self.layers, self.norm, x, cos, sin, attn, split)
 
     @torch.inference_mode()

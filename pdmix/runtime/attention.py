@@ -155,6 +155,13 @@ class PagedAttention:
             self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, block.head_dim) or False
         return block(x, self.step, self.cache.k[layer], self.cache.v[layer], split) if self.step else None
 
+    def run_decode_stack(self, stack, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
+        """The decoder stack's output by one C call (stack: a runtime/decode_block.DecodeStack), or None
+        for a step it does not take."""
+        if self.step is None:
+            self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, stack.head_dim) or False
+        return stack(x, self.step, self.cache, split) if self.step else None
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
         if not m.prefill:  # decode rows only: their write goes with their attention

@@ -5,10 +5,12 @@ A layer qualifies when everything in that half already runs in C in the runtime:
 CPU with pdmix's C library, q/k/v fused into one linear (Qwen3's per-head q/k norms included), and each
 of q/k/v and o either a W8A8_MIX linear on the cpu_int8 backend or a rolled-back bf16 one, with no
 tensor parallelism. Other layers, prompt rows and steps that mix them run the layer's Python form,
-which the C call matches bit for bit (tests/test_decode_block.py).
+which the C call matches bit for bit (tests/test_decode_block.py). Where every layer has its MLP in C
+too, the model's whole stack is one call (`DecodeStack`).
 """
 
 import torch
+import torch.nn.functional as F
 
 from pdmix.kernels import cpu_attention, cpu_block, cpu_float
 from pdmix.kernels.clib import library
@@ -69,13 +71,41 @@ def decode_layer(layer: DecoderLayer) -> DecodeLayer | None:
     return DecodeLayer(block, mlp)
 
 
+class DecodeStack:
+    """A decode-only step's whole decoder stack in one C call (kernels/cpu_block.Stack)."""
+
+    def __init__(self, layers: list[DecodeLayer], silu: torch.Tensor):
+        self.stack = cpu_block.Stack([d.block for d in layers], silu)
+        self.head_dim = self.stack.head_dim
+
+    def __call__(self, x, step, cache, split) -> torch.Tensor:
+        n_dynamic = x.shape[0] if split is None else split.dynamic_rows(x.shape[0])
+        return self.stack(x, step, cache, n_dynamic)
+
+
+def silu_table() -> torch.Tensor | None:
+    """torch's bf16 silu of every bf16 value, indexed by its bits (int16 [65536]), for the C stack's
+    silu(gate) * up; None where torch's vectorized and element-by-element loops differ on a value (the
+    two can differ, std::exp against Sleef's), since a row's elements fall in either depending on its
+    width. Both are taken here: the table from the contiguous tensor, the other from a strided view."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    vectorized, each = F.silu(x), F.silu(torch.stack([x, x], 1).view(-1)[::2]).contiguous()
+    nan = vectorized.isnan() & each.isnan()  # NaN in, or -inf: the payloads may differ, NaN either way
+    if not torch.equal(vectorized.view(torch.int16)[~nan], each.view(torch.int16)[~nan]):
+        return None
+    return vectorized.view(torch.int16)
+
+
 def attach(model) -> int:
-    """Give each qualifying layer its C form (DecoderLayer.decode_block); returns how many."""
-    n = 0
-    for layer in model.layers:
-        layer.decode_block = decode_layer(layer)
-        n += layer.decode_block is not None
-    return n
+    """Give each qualifying layer its C form (DecoderLayer.decode_block), and the model its one-call
+    stack (CausalLM.decode_stack) where every layer has its MLP in C; returns how many layers."""
+    forms = [decode_layer(layer) for layer in model.layers]
+    for layer, form in zip(model.layers, forms):
+        layer.decode_block = form
+    whole = forms and all(f is not None and f.block.down_struct is not None for f in forms)
+    silu = silu_table() if whole else None
+    model.decode_stack = DecodeStack(forms, silu) if silu is not None else None
+    return sum(f is not None for f in forms)
 
 
 def step_inputs(meta, cache, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> "cpu_block.DecodeStep | None":

@@ -5,7 +5,7 @@
    each step by the C function its separate call runs (norm.c, s8gemm.c or bf16gemm.c, rotary.c,
    attention.c with the step's cache write), so the bits are theirs; h rounded as torch adds two bf16
    tensors. bf16 models, one decode row per sequence. About twenty Python-level calls and torch ops a
-   layer become one. */
+   layer become one; with pdmix_decode_layers, the whole stack of layers one call. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -96,4 +96,45 @@ int pdmix_linear_residual(const struct block_linear *l, const uint16_t *x, int64
     if (run_linear(l, x, m, n_dynamic, out, threads)) return -1;
     for (int64_t i = 0; i < m * l->n; i++) out[i] = float_to_bf16(bf16_to_float(residual[i]) + bf16_to_float(out[i]));
     return 0;
+}
+
+/* ---- A decode step's whole decoder stack in one call: each layer's attention half and gate/up
+   (pdmix_attention_block), silu(gate) * up, and down with the residual (pdmix_linear_residual). */
+
+struct decode_layer {
+    const struct attention_block *attn; /* with gate_up */
+    const struct block_linear *down;
+    void *kc, *vc;                      /* the layer's cache */
+};
+
+/* act [T, n] = silu(gate) * up of gu [T, 2n] (gate, then up) as torch computes F.silu(gate) * up on
+   bf16: silu by table (silu[h]: torch's bf16 silu of the bf16 with bits h, made by torch), the product
+   of two bf16 exact in fp32 and rounded once to bf16 */
+static void silu_mul(const uint16_t *gu, int64_t T, int64_t n, const uint16_t *silu, uint16_t *act) {
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *g = gu + t * 2 * n, *u = g + n;
+        for (int64_t i = 0; i < n; i++) act[t * n + i] = float_to_bf16(bf16_to_float(silu[g[i]]) * bf16_to_float(u[i]));
+    }
+}
+
+/* x [T, hidden] bf16, in place: the stack of L layers (each layer's hidden the same). Returns 0, or -1
+   if out of memory. */
+int pdmix_decode_layers(const struct decode_layer *layers, int64_t L, const struct decode_step *s,
+                        const uint16_t *silu, uint16_t *x, int64_t T, int64_t n_dynamic, int threads) {
+    int64_t hidden = L ? layers[0].attn->hidden : 0, wide = 0;
+    for (int64_t l = 0; l < L; l++) wide = layers[l].attn->gate_up.n > wide ? layers[l].attn->gate_up.n : wide;
+    uint16_t *h = (uint16_t *)malloc((size_t)(T * hidden) * 2), *gu = (uint16_t *)malloc((size_t)(T * wide) * 2);
+    uint16_t *act = (uint16_t *)malloc((size_t)(T * wide / 2) * 2);
+    int rc = -1;
+    if (!h || !gu || !act) goto done;
+    for (int64_t l = 0; l < L; l++) {
+        const struct decode_layer *d = layers + l;
+        if (pdmix_attention_block(d->attn, s, x, T, n_dynamic, d->kc, d->vc, h, gu, threads)) goto done;
+        silu_mul(gu, T, d->attn->gate_up.n / 2, silu, act);
+        if (pdmix_linear_residual(d->down, act, T, n_dynamic, h, x, threads)) goto done;
+    }
+    rc = 0;
+done:
+    free(h); free(gu); free(act);
+    return rc;
 }

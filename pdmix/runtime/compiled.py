@@ -108,3 +108,4 @@ def compile_decoder(model: CausalLM, max_batch_size: int) -> None:
     if why:
         raise PdmixError(f"--compile: cannot compile this model: {why}")
     model.decoder = CompiledDecoder(min(2, max_batch_size))
+    model.decode_stack = None  # what was asked for: decode steps through the graph, not the C stack

@@ -236,17 +236,20 @@ def test_s8gemm_slower_paths_compute_what_this_cpus_path_does(tmp_path, cap):
     w = torch.randint(-128, 128, (70, 64), dtype=torch.int8, generator=g)
     dx, dw = torch.rand(3, 2, generator=g), torch.rand(70, 2, generator=g)
     p, rows = tie_layer(96, 64, seed=3)
-    args = (p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias, p.weight_scale, p.bias_float)
+    spec = layer(99, 64, seed=3)  # scales as SPEC §4 makes them: held compactly (the test above)
+    args = [(q.weight, q.input_scale, q.input_offset, q.deq_scale, q.quant_bias, q.weight_scale, q.bias_float)
+            for q in (p, spec)]
     torch.save((x, w, dx, dw, args, rows), tmp_path / "in.pt")
     code = ("import sys, torch; from pdmix.kernels import s8gemm; x, w, dx, dw, args, rows = torch.load(sys.argv[1]); "
-            f"assert s8gemm.isa() == {cap!r}; lin = s8gemm.W8A8Linear(*args, torch.bfloat16); "
-            "torch.save((s8gemm.gemm(x, w), s8gemm.q8_0_gemm(x, dx, w, dw), lin(rows.bfloat16(), 4)), sys.argv[2])")
+            f"assert s8gemm.isa() == {cap!r}; ys = [s8gemm.W8A8Linear(*a, torch.bfloat16)(rows.bfloat16(), 4) for a in args]; "
+            "torch.save((s8gemm.gemm(x, w), s8gemm.q8_0_gemm(x, dx, w, dw), ys), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True,
                    env={**os.environ, "PDMIX_S8GEMM_ISA": cap})
-    acc, blocks, y = torch.load(tmp_path / "out.pt")
+    acc, blocks, ys = torch.load(tmp_path / "out.pt")
     assert torch.equal(acc, s8gemm.gemm(x, w))
     assert torch.allclose(blocks, s8gemm.q8_0_gemm(x, dx, w, dw), rtol=1e-5, atol=1e-3)
-    assert torch.equal(y, s8gemm.W8A8Linear(*args, torch.bfloat16)(rows.bfloat16(), 4))
+    for a, y in zip(args, ys):
+        assert torch.equal(y, s8gemm.W8A8Linear(*a, torch.bfloat16)(rows.bfloat16(), 4))
 
 
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
@@ -288,6 +291,36 @@ def test_whole_linear_in_c_keeps_infinities():
         want = ref.apply(x.bfloat16(), n_dynamic)
         assert want.isinf().any()
         assert torch.equal(lin(x.bfloat16(), n_dynamic), want)
+
+
+def test_whole_linear_in_c_holds_spec_scales_in_two_bytes_a_channel():
+    """A layer quantized as SPEC §4 says keeps its weight_scale as bf16 and no deq_scale (the epilogue
+    recomputes bf16(input_scale * weight_scale)), and a zero bias as the one shared zero vector, with
+    the reference's bits on both paths; a deq_scale that is not that product (one channel one fp32
+    ulp off) keeps the fp32 vectors, again with the reference's bits."""
+    if s8gemm.library()[0] is None:
+        pytest.skip(s8gemm.library()[1])
+    x = activations(9, 576, seed=3)
+    for bias in (False, True):  # False first: the shared zeros are made under bf16 defaults
+        p = layer(203, 576, seed=11, bias=bias)  # 203: 16-, 8- and 1-wide epilogue loops
+        spec_deq = (p.input_scale * p.weight_scale).bfloat16().float()  # SPEC §4, written out
+        assert torch.equal(p.deq_scale, spec_deq)
+        torch.set_default_dtype(torch.bfloat16)  # as vLLM's workers run: the shared zeros stay fp32
+        try:
+            lin = s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias,
+                                    p.weight_scale, p.bias_float, torch.bfloat16)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        deq, _, ws, bias_float = lin.vectors
+        assert deq is None and ws.dtype == torch.bfloat16 and torch.equal(ws.float(), p.weight_scale)
+        assert (bias_float is s8gemm._zeros(203)) == (not bias) and bias_float.dtype == torch.float32
+        for n_dynamic in (0, 4, 8, 9):  # 8: one static row, whose deq_scale is derived in the epilogue itself
+            assert torch.equal(lin(x, n_dynamic), ReferenceKernel(p, torch.bfloat16).apply(x, n_dynamic))
+    p.deq_scale[5] = torch.nextafter(p.deq_scale[5], torch.tensor(1.0))
+    lin = s8gemm.W8A8Linear(p.weight, p.input_scale, p.input_offset, p.deq_scale, p.quant_bias, p.weight_scale,
+                            p.bias_float, torch.bfloat16)
+    assert lin.vectors[0] is not None and lin.vectors[2].dtype == torch.float32
+    assert torch.equal(lin(x, 0), ReferenceKernel(p, torch.bfloat16).apply(x, 0))
 
 
 def test_backend_choice_works_under_another_default_dtype():

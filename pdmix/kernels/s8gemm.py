@@ -8,6 +8,7 @@ Inside a compiled graph the GEMM and the linear are the opaque ops `pdmix::s8gem
 """
 
 import ctypes
+import functools
 import os
 
 import torch
@@ -91,15 +92,37 @@ class LinearStruct(ctypes.Structure):
     passed by pointer (a call then converts 9 arguments, not 18: 3 -> 1.3 us)."""
     _fields_ = [("w", ctypes.c_void_p), ("packed", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("input_scale", ctypes.c_float), ("input_offset", ctypes.c_float), ("deq_scale", ctypes.c_void_p),
-                ("quant_bias", ctypes.c_void_p), ("weight_scale", ctypes.c_void_p), ("bias_float", ctypes.c_void_p)]
+                ("quant_bias", ctypes.c_void_p), ("weight_scale", ctypes.c_void_p), ("bias_float", ctypes.c_void_p),
+                ("scales_bf16", ctypes.c_int64)]
 
     @classmethod
     def of(cls, weight: torch.Tensor, packed: bool, input_scale: float, input_offset: float, deq_scale, quant_bias,
            weight_scale, bias_float) -> "LinearStruct":
-        """From the tensors as the C code reads them (contiguous; fp32 vectors, int32 quant_bias)."""
+        """From the tensors as the C code reads them (contiguous; fp32 vectors, int32 quant_bias), or with
+        a bf16 weight_scale and no deq_scale (W8A8Linear's compact scales)."""
+        compact = weight_scale.dtype == torch.bfloat16
+        assert (deq_scale is None) == compact
         return cls(weight.data_ptr(), packed, weight.shape[0], weight.shape[1], input_scale, input_offset,
-                   deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
-                   None if bias_float is None else bias_float.data_ptr())
+                   None if compact else deq_scale.data_ptr(), quant_bias.data_ptr(), weight_scale.data_ptr(),
+                   None if bias_float is None else bias_float.data_ptr(), compact)
+
+
+def compact_scales(input_scale: torch.Tensor, deq_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor | None:
+    """weight_scale as bf16 where that form loses nothing: every weight_scale is a bf16 value and every
+    deq_scale is bf16(input_scale * weight_scale) as SPEC section 4 computes it (fp32 product, rounded to
+    nearest even), so the C epilogue can recompute deq_scale instead of holding it. Else None."""
+    ws16 = weight_scale.to(torch.bfloat16)
+    derived = (input_scale.to(torch.float32) * ws16.float()).to(torch.bfloat16).float()
+    same = lambda a, b: torch.equal(a.view(torch.int32), b.view(torch.int32))  # noqa: E731  bits, -0 and NaN included
+    if not (same(ws16.float(), weight_scale) and same(derived, deq_scale) and bool(derived.isfinite().all())):
+        return None
+    return ws16
+
+
+@functools.cache
+def _zeros(n: int) -> torch.Tensor:
+    """An all-zero fp32 bias of width n, one shared by every linear of that width."""
+    return torch.zeros(n, dtype=torch.float32)  # not the default dtype: vLLM sets bf16
 
 
 def _linear(x: torch.Tensor, n_dynamic: int, dynamic: torch.Tensor | None, linear: LinearStruct,
@@ -134,8 +157,14 @@ class W8A8Linear:
         f32 = lambda t: t.to(torch.float32).reshape(-1).contiguous()  # noqa: E731
         self.weight = weight if isinstance(weight, Int8Weight) else Int8Weight(weight)
         self.input_scale, self.input_offset = (t.to(torch.float32).reshape(()) for t in (input_scale, input_offset))
-        self.vectors = (f32(deq_scale), quant_bias.to(torch.int32).reshape(-1).contiguous(), f32(weight_scale),
-                        None if bias_float is None else f32(bias_float))
+        deq_scale, weight_scale = f32(deq_scale), f32(weight_scale)
+        ws16 = compact_scales(self.input_scale, deq_scale, weight_scale)
+        if bias_float is not None:
+            bias_float = f32(bias_float)
+            if not bias_float.view(torch.int32).any():  # all +0.0: the shared zeros, the same additions
+                bias_float = _zeros(bias_float.numel())
+        self.vectors = ((deq_scale, quant_bias.to(torch.int32).reshape(-1).contiguous(), weight_scale, bias_float)
+                        if ws16 is None else (None, quant_bias.to(torch.int32).reshape(-1).contiguous(), ws16, bias_float))
         self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
         self._struct = LinearStruct.of(self.weight.data, self.weight.packed, float(input_scale), float(input_offset),
                                        *self.vectors)
@@ -153,7 +182,7 @@ class W8A8Linear:
 
 @torch.library.custom_op("pdmix::w8a8_linear", mutates_args=())
 def w8a8_linear_op(x: torch.Tensor, dynamic: torch.Tensor, weight: torch.Tensor, packed: bool,
-                   input_scale: torch.Tensor, input_offset: torch.Tensor, deq_scale: torch.Tensor,
+                   input_scale: torch.Tensor, input_offset: torch.Tensor, deq_scale: torch.Tensor | None,
                    quant_bias: torch.Tensor, weight_scale: torch.Tensor, bias_float: torch.Tensor | None,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8Linear as one opaque op of a compiled graph (dynamic: bool, True for a per-token row), on

@@ -595,16 +595,32 @@ int pdmix_s8gemm_isa(void) {
 
 #define TINY 1.17549435e-38f /* torch.finfo(torch.float32).tiny, the least per-token scale */
 
+/* The per-channel scales come in one of two forms (struct w8a8_linear's scales_bf16):
+   - fp32 deq_scale and weight_scale vectors;
+   - weight_scale as bf16 (ws16) and no deq_scale: each channel's is recomputed as SPEC section 4 defines it,
+     bf16(input_scale * weight_scale) widened, which the owner checked gives the file's bits for every channel
+     (per row, or once per call into a buffer that deq_scale then points to, where several rows are static).
+   The second holds 2 bytes per channel where the first holds 8. */
 struct epilogue {
     const uint8_t *dynamic; /* [m]: 1 for a row on the dynamic (per-token) path */
     const float *s;         /* [m]: the dynamic rows' scales */
-    const float *deq_scale, *weight_scale, *bias_float; /* [n]; bias_float may be NULL */
-    const int32_t *quant_bias;                          /* [n] */
-    void *y;                                            /* [m, n], bf16 (y_bf16) or fp32 */
+    const float *deq_scale, *weight_scale, *bias_float; /* [n] fp32, or NULL; bias_float may be NULL */
+    const uint16_t *ws16;                               /* [n] bf16 weight_scale where the fp32 two are NULL */
+    float input_scale;
+    const int32_t *quant_bias; /* [n] */
+    void *y;                   /* [m, n], bf16 (y_bf16) or fp32 */
     int y_bf16;
 };
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+static inline float weight_scale_at(const struct epilogue *e, int64_t j) {
+    return e->ws16 ? bf16_to_float(e->ws16[j]) : e->weight_scale[j];
+}
+
+static inline float deq_scale_at(const struct epilogue *e, int64_t j) {
+    return e->deq_scale ? e->deq_scale[j] : bf16_to_float(float_to_bf16(e->input_scale * bf16_to_float(e->ws16[j])));
+}
 
 /* y[i][j0, j1) of one row from its int32 accumulators */
 static void epilogue_plain(const struct epilogue *e, const int32_t *acc, int64_t i, int64_t n, int64_t j0, int64_t j1) {
@@ -614,10 +630,10 @@ static void epilogue_plain(const struct epilogue *e, const int32_t *acc, int64_t
         float v;
         if (e->dynamic[i]) {
             v = (float)acc[j] * e->s[i]; /* acc * s_t * weight_scale + bias_float */
-            v = v * e->weight_scale[j];
+            v = v * weight_scale_at(e, j);
             if (e->bias_float) v = v + e->bias_float[j];
         } else { /* deq_scale * (acc + quant_bias), the int32 sum wrapping as torch's */
-            v = e->deq_scale[j] * (float)(int32_t)((uint32_t)acc[j] + (uint32_t)e->quant_bias[j]);
+            v = deq_scale_at(e, j) * (float)(int32_t)((uint32_t)acc[j] + (uint32_t)e->quant_bias[j]);
         }
         if (e->y_bf16) yh[j] = float_to_bf16(v);
         else yf[j] = v;
@@ -639,6 +655,31 @@ static float amax_plain(const float *v, int64_t p, int64_t k, float amax) {
 }
 
 #ifdef PDMIX_X86
+/* weight_scale_at and deq_scale_at, 8 and 16 lanes */
+__attribute__((target("avx2"))) static inline __m256 weight_scale8(const struct epilogue *e, int64_t j) {
+    if (!e->ws16) return _mm256_loadu_ps(e->weight_scale + j);
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(e->ws16 + j)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+__attribute__((target("avx2"))) static inline __m256 deq_scale8(const struct epilogue *e, int64_t j) {
+    if (e->deq_scale) return _mm256_loadu_ps(e->deq_scale + j);
+    __m256i u = _mm256_castps_si256(_mm256_mul_ps(_mm256_set1_ps(e->input_scale), weight_scale8(e, j)));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                             _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(u, 16), 16)); /* finite: the owner checked */
+}
+
+VNNI static inline __m512 weight_scale16(const struct epilogue *e, int64_t j) {
+    return e->ws16 ? bf16x16_load(e->ws16 + j, 0xffff) : _mm512_loadu_ps(e->weight_scale + j);
+}
+
+VNNI static inline __m512 deq_scale16(const struct epilogue *e, int64_t j) {
+    if (e->deq_scale) return _mm512_loadu_ps(e->deq_scale + j);
+    __m512i h = bf16x16_round(_mm512_mul_ps(_mm512_set1_ps(e->input_scale), weight_scale16(e, j)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
 /* The same, 8 lanes at a time; returns where the scalar tail starts. The lanes do the scalar code's
    operations (IEEE division, rounding to nearest even, exact int32 -> fp32), so the bits agree. */
 __attribute__((target("avx2"))) static int64_t epilogue_avx2(const struct epilogue *e, const int32_t *acc, int64_t i,
@@ -652,11 +693,11 @@ __attribute__((target("avx2"))) static int64_t epilogue_avx2(const struct epilog
         __m256i a = _mm256_loadu_si256((const __m256i *)(acc + j)), u;
         __m256 v;
         if (dynamic) {
-            v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), s), _mm256_loadu_ps(e->weight_scale + j));
+            v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), s), weight_scale8(e, j));
             if (e->bias_float) v = _mm256_add_ps(v, _mm256_loadu_ps(e->bias_float + j));
         } else {
             a = _mm256_add_epi32(a, _mm256_loadu_si256((const __m256i *)(e->quant_bias + j)));
-            v = _mm256_mul_ps(_mm256_loadu_ps(e->deq_scale + j), _mm256_cvtepi32_ps(a));
+            v = _mm256_mul_ps(deq_scale8(e, j), _mm256_cvtepi32_ps(a));
         }
         if (!e->y_bf16) {
             _mm256_storeu_ps(yf + j, v);
@@ -685,11 +726,11 @@ VNNI static int64_t epilogue_avx512(const struct epilogue *e, const int32_t *acc
         __m512i a = _mm512_loadu_si512(acc + j);
         __m512 v;
         if (dynamic) {
-            v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), s), _mm512_loadu_ps(e->weight_scale + j));
+            v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), s), weight_scale16(e, j));
             if (e->bias_float) v = _mm512_add_ps(v, _mm512_loadu_ps(e->bias_float + j));
         } else {
             a = _mm512_add_epi32(a, _mm512_loadu_si512(e->quant_bias + j));
-            v = _mm512_mul_ps(_mm512_loadu_ps(e->deq_scale + j), _mm512_cvtepi32_ps(a));
+            v = _mm512_mul_ps(deq_scale16(e, j), _mm512_cvtepi32_ps(a));
         }
         if (!e->y_bf16) {
             _mm512_storeu_ps(yf + j, v);
@@ -734,6 +775,30 @@ __attribute__((target("avx2"))) static float amax_avx2(const float *v, int64_t k
 #endif
 
 static int fast(void) { return pdmix_s8gemm_isa() >= 2; }
+
+#ifdef PDMIX_X86
+VNNI static int64_t derive_deq_avx512(const struct epilogue *e, float *out, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(out + j, deq_scale16(e, j));
+    return j;
+}
+
+__attribute__((target("avx2"))) static int64_t derive_deq_avx2(const struct epilogue *e, float *out, int64_t j,
+                                                                 int64_t n) {
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, deq_scale8(e, j));
+    return j;
+}
+#endif
+
+/* every channel's deq_scale from the bf16 weight_scale (e->deq_scale NULL) into out [n] */
+static void derive_deq_scale(const struct epilogue *e, float *out, int64_t n) {
+    int64_t j = 0;
+#ifdef PDMIX_X86
+    if (pdmix_s8gemm_isa() == 3) j = derive_deq_avx512(e, out, n);
+    if (fast()) j = derive_deq_avx2(e, out, j, n);
+#endif
+    for (; j < n; j++) out[j] = deq_scale_at(e, j);
+}
 
 static void epilogue_columns(const struct problem *a, int64_t n0, int64_t n1) {
     for (int64_t i = 0; i < a->m; i++) {
@@ -891,24 +956,33 @@ int pdmix_s8gemm(const int8_t *x, int64_t m, const int8_t *w, int packed, int64_
    memory. */
 int pdmix_w8a8_linear(const void *x, int x_bf16, int64_t m, const uint8_t *dynamic, int64_t n_dynamic,
                       const int8_t *w, int packed, int64_t n, int64_t k, float input_scale, float input_offset,
-                      const float *deq_scale, const int32_t *quant_bias, const float *weight_scale,
-                      const float *bias_float, void *y, int y_bf16, int threads) {
+                      const float *deq_scale, const int32_t *quant_bias, const void *weight_scale,
+                      int scales_bf16, const float *bias_float, void *y, int y_bf16, int threads) {
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
     float *s = (float *)malloc((size_t)m * sizeof(float));
     int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
     uint8_t *rows = dynamic ? 0 : (uint8_t *)malloc((size_t)m);
+    float *deq = 0;
     int rc = -1;
     if (q && s && acc && (dynamic || rows)) {
         if (!dynamic) {
             for (int64_t i = 0; i < m; i++) rows[i] = i < n_dynamic;
             dynamic = rows;
         }
+        int64_t n_static = 0;
+        for (int64_t i = 0; i < m; i++) n_static += !dynamic[i];
         struct quantize z = {x, x_bf16, dynamic, input_scale, input_offset, q, s};
-        struct epilogue e = {dynamic, s, deq_scale, weight_scale, bias_float, quant_bias, y, y_bf16};
+        struct epilogue e = {dynamic, s, scales_bf16 ? 0 : deq_scale, scales_bf16 ? 0 : (const float *)weight_scale,
+                             bias_float, scales_bf16 ? (const uint16_t *)weight_scale : 0, input_scale, quant_bias,
+                             y, y_bf16};
+        if (scales_bf16 && n_static > 1 && (deq = (float *)malloc((size_t)n * sizeof(float)))) {
+            derive_deq_scale(&e, deq, n);
+            e.deq_scale = deq;
+        }
         struct problem a = {q, w, 0, 0, m, n, k, acc, &e, packed, &z};
         rc = run(&a, threads, GEMM_PART(&a), gemm_plain);
     }
-    free(q); free(s); free(acc); free(rows);
+    free(q); free(s); free(acc); free(rows); free(deq);
     return rc;
 }
 
@@ -918,15 +992,17 @@ struct w8a8_linear {
     const int8_t *w;
     int64_t packed, n, k;
     float input_scale, input_offset;
-    const float *deq_scale;
+    const float *deq_scale; /* NULL where scales_bf16 */
     const int32_t *quant_bias;
-    const float *weight_scale, *bias_float;
+    const void *weight_scale; /* fp32, or bf16 where scales_bf16 (struct epilogue) */
+    const float *bias_float;
+    int64_t scales_bf16;
 };
 
 int pdmix_w8a8_linear_run(const struct w8a8_linear *l, const void *x, int x_bf16, int64_t m, const uint8_t *dynamic,
                           int64_t n_dynamic, void *y, int y_bf16, int threads) {
     return pdmix_w8a8_linear(x, x_bf16, m, dynamic, n_dynamic, l->w, (int)l->packed, l->n, l->k, l->input_scale,
-                             l->input_offset, l->deq_scale, l->quant_bias, l->weight_scale, l->bias_float, y, y_bf16,
+                             l->input_offset, l->deq_scale, l->quant_bias, l->weight_scale, (int)l->scales_bf16, l->bias_float, y, y_bf16,
                              threads);
 }
 

@@ -20,6 +20,7 @@ from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.model_executor.utils import set_weight_attrs
 
 from pdmix.format.names import DESCRIPTION_FILE
+from pdmix.kernels import cpu_norm
 from pdmix.vllm.config import W8A8MixConfig
 
 # a checkpoint expert's tensor -> the stacked parameter vLLM's RoutedExperts loads it into (vLLM 0.32
@@ -29,16 +30,29 @@ STACKED = {"gate_proj": "w13_", "up_proj": "w13_", "down_proj": "w2_"}
 
 
 class BiasedRMSNorm(RMSNorm):
-    """rmsnorm(x) * weight + bias, the bias added in fp32 to the rounded norm output."""
+    """rmsnorm(x) * weight + bias, the bias added in fp32 to the rounded norm output.
+
+    On CPU, where pdmix's C library is built, it is pdmix's engine's norm (kernels/cpu_norm.py: one C
+    call, torch's roundings, the bias inside) on the residual stream as the engine keeps it (the sum
+    rounded to the model dtype, then normalized): about ten torch ops fewer per norm, 61 norms a
+    SmolLM2 step. Elsewhere vLLM's RMSNorm, then the bias."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__(hidden_size, eps)
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=torch.float32), requires_grad=False)
+        # asked here: a graph being traced cannot build the library
+        self.in_c = cpu_norm.available() and self.has_weight and self.variance_size_override is None
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return (y.float() + self.bias).to(y.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.in_c and cpu_norm.usable(x, self.weight):
+            if residual is not None:
+                x = residual = x + residual
+            norm = torch.ops.pdmix.rms_norm if torch.compiler.is_compiling() else cpu_norm.rms_norm
+            y = norm(x, self.weight, self.bias, self.variance_epsilon)
+            return y if residual is None else (y, residual)
         if residual is None:
             return self._add_bias(super().forward(x))
         y, residual = super().forward(x, residual)

@@ -270,3 +270,34 @@ def test_refuses_tensor_it_cannot_place(checkpoints, tmp_path):
     finally:
         from vllm.distributed import cleanup_dist_env_and_memory
         cleanup_dist_env_and_memory()
+
+
+def test_biased_norm_is_the_engines_norm():
+    """The m4 norm (RMSNorm + bias, SPEC §6) on CPU runs pdmix's C norm: the residual stream summed and
+    rounded as pdmix's engine keeps it, the norm within a bf16 rounding of each term of the formula
+    written out here. vLLM's RMSNorm plus the bias (the path elsewhere) normalizes the unrounded fp32
+    sum instead: within two."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from pdmix.vllm.models import BiasedRMSNorm
+    g = torch.Generator().manual_seed(0)
+    eps, k = 1e-5, 576
+    with set_current_vllm_config(VllmConfig()):
+        norm = BiasedRMSNorm(k, eps)
+    assert norm.in_c
+    norm.weight.data = (1 + torch.randn(k, generator=g) / 4).bfloat16()
+    norm.bias.data = torch.randn(k, generator=g) / 8
+    x, r = ((torch.randn(7, k, generator=g) * 3).bfloat16() for _ in range(2))
+
+    def close_to_formula(got: torch.Tensor, h: torch.Tensor, roundings: int) -> bool:
+        """rmsnorm(h) * weight + bias written out, within `roundings` bf16 roundings of its terms."""
+        h = h.float()
+        y = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).bfloat16().float() * norm.weight.float()
+        return bool(((got.float() - y - norm.bias).abs() <= (y.abs() + norm.bias.abs()) * roundings * 2 ** -7).all())
+
+    for in_c, roundings in ((True, 1), (False, 2)):
+        norm.in_c = in_c
+        with set_current_vllm_config(VllmConfig()):
+            y, res = norm(x.clone(), r.clone())  # vLLM's own path may add in place
+            assert torch.equal(res, x + r) and close_to_formula(y, x + r, roundings)
+            assert close_to_formula(norm(x.clone()), x, roundings)

@@ -485,9 +485,11 @@ VNNI static void gemm_vnni(const struct problem *a, int64_t n0, int64_t n1, int1
 #define PACK_R 8 /* rows of x per tile: 8 x 3 accumulators, 3 weight chunks and the broadcast fit 32 registers */
 #define PACK_AHEAD 4096 /* bytes prefetched (into L2) ahead of the stream: 1.2x at M = 1 over 2048 on cold weights */
 /* the same for tiles of 2-4 rows: cold, 1024 bytes took M = 2, 3, 4 from 0.68, 0.67, 0.64 of the read
-   bandwidth to 0.78, 0.77, 0.76 (medians of 5 alternating runs, Zen 4); tiles of 5-8 rows keep PACK_AHEAD
-   (2048 made M = 8 20% slower) */
+   bandwidth to 0.78, 0.77, 0.76 (medians of 5 alternating runs, Zen 4); and for tiles of 5-8 rows, which spend
+   longest on each line: 8192 bytes took M = 8 from 6.02 to 5.11 ms and M = 16 from 9.81 to 9.03 ms on SmolLM2's
+   106 MB (medians of 5; 2048 made M = 8 20% slower) */
 #define PACK_AHEAD_FEW_ROWS 1024
+#define PACK_AHEAD_MANY_ROWS 8192
 
 /* R (1-8) rows of x (row stride k) against the T (1-3) blocks of the group at blk -> out[r][16 t + q]
    (row stride n), less each row's excess[r] */
@@ -497,7 +499,7 @@ VNNI static inline __attribute__((always_inline)) void packed_tile(int R, int T,
     const __m512i z = _mm512_setzero_si512();
     __m512i c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z, c30 = z, c31 = z, c32 = z;
     __m512i c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z, c60 = z, c61 = z, c62 = z, c70 = z, c71 = z, c72 = z;
-    const int64_t ahead = R > 1 && R <= 4 ? PACK_AHEAD_FEW_ROWS : PACK_AHEAD;
+    const int64_t ahead = R == 1 ? PACK_AHEAD : R <= 4 ? PACK_AHEAD_FEW_ROWS : PACK_AHEAD_MANY_ROWS;
     for (int64_t p = 0; p < k; p += 4) {
         const int8_t *b = blk + 16 * T * p;
         __m512i w0 = z, w1 = z, w2 = z;

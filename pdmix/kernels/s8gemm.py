@@ -163,8 +163,9 @@ class W8A8Linear:
             bias_float = f32(bias_float)
             if not bias_float.view(torch.int32).any():  # all +0.0: the shared zeros, the same additions
                 bias_float = _zeros(bias_float.numel())
-        self.vectors = ((deq_scale, quant_bias.to(torch.int32).reshape(-1).contiguous(), weight_scale, bias_float)
-                        if ws16 is None else (None, quant_bias.to(torch.int32).reshape(-1).contiguous(), ws16, bias_float))
+        quant_bias = quant_bias.to(torch.int32).reshape(-1).contiguous()
+        self.vectors = ((deq_scale, quant_bias, weight_scale, bias_float) if ws16 is None
+                        else (None, quant_bias, ws16, bias_float))
         self.out_dtype, (self.n, self.k) = out_dtype, self.weight.shape
         self._struct = LinearStruct.of(self.weight.data, self.weight.packed, float(input_scale), float(input_offset),
                                        *self.vectors)

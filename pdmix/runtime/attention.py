@@ -148,19 +148,23 @@ class PagedAttention:
         self.cache, self.meta = cache, meta
         self.step = None  # run_decode_layer's inputs, made at its first call: False where it does not apply
 
+    def _decode_step(self, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+        """The C calls' step inputs, made once per step; False for a step they do not take (prompt rows)."""
+        if self.step is None:
+            self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, head_dim) or False
+        return self.step
+
     def run_decode_layer(self, block, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
         """A layer's output by its C calls (block: its runtime/decode_block.py form), or None for a step
         they do not take (prompt rows)."""
-        if self.step is None:
-            self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, block.head_dim) or False
-        return block(x, self.step, self.cache.k[layer], self.cache.v[layer], split) if self.step else None
+        step = self._decode_step(cos, sin, block.head_dim)
+        return block(x, step, self.cache.k[layer], self.cache.v[layer], split) if step else None
 
     def run_decode_stack(self, stack, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split):
         """The decoder stack's output by one C call (stack: a runtime/decode_block.DecodeStack), or None
         for a step it does not take."""
-        if self.step is None:
-            self.step = decode_block.step_inputs(self.meta, self.cache, cos, sin, stack.head_dim) or False
-        return stack(x, self.step, self.cache, split) if self.step else None
+        step = self._decode_step(cos, sin, stack.head_dim)
+        return stack(x, step, self.cache, split) if step else None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta

@@ -5,9 +5,12 @@
 - pdmix: the first `prefill_frac` of each window as prefill, the rest teacher-forced through the
   decode path, as generation sees it. Static quantization does not depend on other rows, so
   teacher-forcing the decode part is one forward whose later rows take the static path.
-With `--compare FLOAT_PATH`: the float model's ppl, each mode's relative delta, and greedy-token
-agreement (the float model's greedy continuation, teacher-forced through the quantized model in
-PD-mix: prompt as prefill, continuation as decode rows; top-1 match rate).
+With `--compare FLOAT_PATH`: the float model's ppl, each mode's relative delta, its mean
+KL(float || quantized) per predicted token and top-1 agreement with the float model on the same
+windows (a delta also carries which way the errors happen to move this text's likelihood, KL does
+not: docs/accuracy.md), and greedy-token agreement (the float model's greedy continuation,
+teacher-forced through the quantized model in PD-mix: prompt as prefill, continuation as decode
+rows; top-1 match rate).
 """
 
 import json
@@ -65,21 +68,32 @@ def token_windows(tokenizer, data: Path, ctx: int, max_windows: int | None, data
     return wins
 
 
-def window_nll(logits: torch.Tensor, ids: list[int]) -> float:
-    """Summed negative log-likelihood of ids[1:] given logits of rows [:-1]."""
-    target = torch.tensor(ids[1:], device=logits.device)
-    return torch.nn.functional.cross_entropy(logits[:-1].float(), target, reduction="sum").item()
+def prefill_rows(mode: str, n: int, prefill_frac: float) -> int:
+    """How many of a window's n rows run as prefill (per-token path) in a mode."""
+    return n if mode == "dynamic" else 0 if mode == "static" else max(1, int(n * prefill_frac))
 
 
-def perplexity(llm, windows, mode: str, prefill_frac: float, progress=None) -> float:
-    nll, n = 0.0, 0
-    for w in windows:
-        n_prefill = len(w) if mode == "dynamic" else 0 if mode == "static" else max(1, int(len(w) * prefill_frac))
-        nll += window_nll(llm.score(w, n_prefill, mode if mode != "float" else "pdmix"), w)
-        n += len(w) - 1
-        if progress:
-            progress.update()
-    return math.exp(nll / n)
+class Divergence:
+    """Sums over a mode's predicted tokens: the NLL of the text, KL(float || quantized) of the
+    next-token distributions and agreement of their top-1 tokens. KL needs no reference text, so it
+    separates a model's error from the luck of which way it moves the text's perplexity."""
+
+    def __init__(self):
+        self.nll = self.kl = 0.0
+        self.top1 = self.tokens = 0
+
+    def add(self, logits: torch.Tensor, ids: list[int], float_logprobs: torch.Tensor | None) -> None:
+        lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+        target = torch.tensor(ids[1:], device=lp.device)
+        self.nll -= lp.gather(1, target[:, None]).sum().item()
+        self.tokens += len(target)
+        if float_logprobs is not None:
+            f = float_logprobs.to(lp.device)
+            self.kl += (f.exp() * (f - lp)).sum().item()
+            self.top1 += (f.argmax(-1) == lp.argmax(-1)).sum().item()
+
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens)
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
@@ -106,9 +120,10 @@ def greedy_agreement(quant_llm, float_llm, n_prompts: int, new_tokens: int) -> d
 
 def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_frac=0.5, compare=None,
              data_range=(0.0, 1.0), agreement_prompts=20, agreement_tokens=64, device="cpu", quiet=False,
-             float_ppl: float | None = None, lm_head: str = "float") -> dict:
-    """float_ppl: the compare model's perplexity on the same windows, when already known. lm_head: the
-    evaluated model's lm_head form (the compare model keeps its float one)."""
+             lm_head: str = "float") -> dict:
+    """Each mode's perplexity; with `compare` (a float model) also each mode's delta against it, its
+    mean KL(float || quantized) per token and top-1 agreement on the same windows, and greedy agreement.
+    lm_head: the evaluated model's lm_head form (the compare model keeps its float one)."""
     from tqdm import tqdm
 
     from pdmix.runtime.llm import LLM
@@ -120,26 +135,34 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
         raise PdmixError(f"--ctx {ctx}: windows longer than the model's max_position_embeddings {max_pos}")
     limit = min(ctx + agreement_tokens + 256, max_pos)
     llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device, lm_head=lm_head)
+    float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device) if compare else None
     windows = token_windows(llm.tokenizer, Path(data), ctx, max_windows, data_range)
     result = {"model": str(model_path), "data": str(data), "data_range": list(data_range), "ctx": ctx,
               "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "prefill_frac": prefill_frac,
               "lm_head": lm_head, "device": str(llm.device), "ppl": {}}
     t0 = time.time()
-    with tqdm(total=len(windows) * (len(modes) + bool(compare and float_ppl is None)), desc="eval", unit="window",
-              disable=quiet,
-              file=sys.stderr) as bar:
-        for mode in modes:
-            result["ppl"][mode] = perplexity(llm, windows, mode, prefill_frac, bar)
-        if compare:
-            float_llm = None
-            if float_ppl is None or agreement_prompts:
-                float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device)
-            base = perplexity(float_llm, windows, "float", prefill_frac, bar) if float_ppl is None else float_ppl
-            result["compare"] = {"float_model": str(compare), "float_ppl": base,
-                                 "delta": {m: p / base - 1 for m, p in result["ppl"].items()}}
-            if agreement_prompts:
-                result["compare"]["greedy_agreement"] = greedy_agreement(llm, float_llm, agreement_prompts,
-                                                                         agreement_tokens)
+    div = {m: Divergence() for m in modes}
+    base = Divergence()
+    with tqdm(total=len(windows), desc="eval", unit="window", disable=quiet, file=sys.stderr) as bar:
+        for w in windows:  # window-major: the float model's log-probs of one window are held at a time
+            f = None
+            if float_llm is not None:
+                logits = float_llm.score(w, 0, "pdmix")
+                base.add(logits, w, None)
+                f = torch.log_softmax(logits[:-1].float(), dim=-1)
+            for mode in modes:
+                div[mode].add(llm.score(w, prefill_rows(mode, len(w), prefill_frac),
+                                        mode if mode != "float" else "pdmix"), w, f)
+            bar.update()
+    result["ppl"] = {m: d.ppl() for m, d in div.items()}
+    if float_llm is not None:
+        result["compare"] = {"float_model": str(compare), "float_ppl": base.ppl(),
+                             "delta": {m: p / base.ppl() - 1 for m, p in result["ppl"].items()},
+                             "kl": {m: d.kl / d.tokens for m, d in div.items()},
+                             "top1": {m: d.top1 / d.tokens for m, d in div.items()}}
+        if agreement_prompts:
+            result["compare"]["greedy_agreement"] = greedy_agreement(llm, float_llm, agreement_prompts,
+                                                                     agreement_tokens)
     result["wall_s"] = round(time.time() - t0, 1)
     return result
 
@@ -183,7 +206,11 @@ def run(args) -> int:
     else:
         for mode, ppl in res["ppl"].items():
             delta = res.get("compare", {}).get("delta", {}).get(mode)
-            print(f"{mode:8s} ppl {ppl:9.4f}" + (f"  ({delta:+.2%} vs float)" if delta is not None else ""))
+            line = f"{mode:8s} ppl {ppl:9.4f}"
+            if delta is not None:
+                c = res["compare"]
+                line += f"  ({delta:+.2%} vs float; KL {c['kl'][mode]:.5f} nats/token, top-1 {c['top1'][mode]:.2%})"
+            print(line)
         if "compare" in res:
             c = res["compare"]
             print(f"float    ppl {c['float_ppl']:9.4f}")

@@ -89,7 +89,7 @@ def main() -> int:
                                               calib_max_len=args.calib_tokens, quiet=True), overwrite=True)
         quant_s = time.time() - t0
         res = evaluate(ckpt, compare=model, agreement_prompts=20 if name in args.agreement else 0,
-                       float_ppl=results["float"]["ppl"]["float"], **common)
+                       **common)
         res["quantize_s"] = round(quant_s, 1)
         res["float_linears"] = count_float_linears(ckpt)
         results[name] = res
@@ -104,6 +104,12 @@ def main() -> int:
 def count_float_linears(ckpt: Path) -> int:
     desc = json.loads((ckpt / "quant_model_description.json").read_text())
     return sum(1 for k, v in desc.items() if v == "FLOAT" and ".layers." in k and k.endswith("_proj.weight"))
+
+
+def kl_cell(compare: dict) -> str:
+    """KL(float || quantized) per token, in thousandths of a nat, of each path (absent in older results)."""
+    kl = compare.get("kl")
+    return " / ".join(f"{kl[m] * 1000:.2f}" for m in ("dynamic", "static", "pdmix")) if kl else ""
 
 
 def agreement(g: dict | None) -> str:
@@ -127,8 +133,8 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
         f"**Float perplexity: {base:.4f}**",
         "",
         "| anti-outlier | observer | rollback | weights | float linears | dynamic ppl | static ppl | pdmix ppl | "
-        "Δ dynamic | Δ static | Δ pdmix | greedy agreement | quantize s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Δ dynamic | Δ static | Δ pdmix | KL dynamic / static / pdmix | greedy agreement | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if name == "float":
@@ -138,7 +144,7 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
         g = r["compare"].get("greedy_agreement")
         lines.append(f"| {anti} | {observer} | {level} | {w_method} | {r.get('float_linears', '')} | {p['dynamic']:.4f} | "
                      f"{p['static']:.4f} | {p['pdmix']:.4f} | {d['dynamic']:+.2%} | {d['static']:+.2%} | "
-                     f"{d['pdmix']:+.2%} | {agreement(g)} | {r.get('quantize_s') or ''} |")
+                     f"{d['pdmix']:+.2%} | {kl_cell(r['compare'])} | {agreement(g)} | {r.get('quantize_s') or ''} |")
     best = pick_best(results)
     lines += [
         "",
@@ -150,6 +156,10 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
         "input) kept float that bring the static path within 1% of the float model's perplexity on the "
         "calibration prompts. `L10` = the 10 most sensitive linears, msModelSlim's rollback.",
         "- The seed's recipe (`--model_type Qwen3-14B`: m4, alpha 0.5, L10, minmax) is the `m4 | minmax | L10` row.",
+        "- KL: the mean KL(float || quantized) of the next-token distributions over the same windows, in "
+        "thousandths of a nat per token (`pdmix eval --compare`). A perplexity delta also carries which way "
+        "the errors happen to move the text's likelihood, by some tenths of a percent either way between "
+        "runs that KL ranks the same; KL measures the error alone.",
         "- Greedy agreement: the float model's greedy continuation (64 tokens, 20 chat prompts of "
         "`pdmix.evaluate.CHAT_PROMPTS`, chat template applied) teacher-forced through the quantized model in "
         "PD-mix (prompt as prefill, continuation as decode rows); the share of positions whose top-1 token "

@@ -82,7 +82,8 @@ class Divergence:
         self.nll = self.kl = 0.0
         self.top1 = self.tokens = 0
 
-    def add(self, logits: torch.Tensor, ids: list[int], float_logprobs: torch.Tensor | None) -> None:
+    def add(self, logits: torch.Tensor, ids: list[int], float_logprobs: torch.Tensor | None) -> torch.Tensor:
+        """Counts one window (logits of its rows); returns the next-token log-probs of rows [:-1]."""
         lp = torch.log_softmax(logits[:-1].float(), dim=-1)
         target = torch.tensor(ids[1:], device=lp.device)
         self.nll -= lp.gather(1, target[:, None]).sum().item()
@@ -91,6 +92,7 @@ class Divergence:
             f = float_logprobs.to(lp.device)
             self.kl += (f.exp() * (f - lp)).sum().item()
             self.top1 += (f.argmax(-1) == lp.argmax(-1)).sum().item()
+        return lp
 
     def ppl(self) -> float:
         return math.exp(self.nll / self.tokens)
@@ -145,11 +147,7 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
     base = Divergence()
     with tqdm(total=len(windows), desc="eval", unit="window", disable=quiet, file=sys.stderr) as bar:
         for w in windows:  # window-major: the float model's log-probs of one window are held at a time
-            f = None
-            if float_llm is not None:
-                logits = float_llm.score(w, 0, "pdmix")
-                base.add(logits, w, None)
-                f = torch.log_softmax(logits[:-1].float(), dim=-1)
+            f = base.add(float_llm.score(w, 0, "pdmix"), w, None) if float_llm is not None else None
             for mode in modes:
                 div[mode].add(llm.score(w, prefill_rows(mode, len(w), prefill_frac),
                                         mode if mode != "float" else "pdmix"), w, f)

@@ -88,8 +88,7 @@ def main() -> int:
                                               calib_file=str(calib), calib_max_samples=args.calib_samples,
                                               calib_max_len=args.calib_tokens, quiet=True), overwrite=True)
         quant_s = time.time() - t0
-        res = evaluate(ckpt, compare=model, agreement_prompts=20 if name in args.agreement else 0,
-                       **common)
+        res = evaluate(ckpt, compare=model, agreement_prompts=20 if name in args.agreement else 0, **common)
         res["quantize_s"] = round(quant_s, 1)
         res["float_linears"] = count_float_linears(ckpt)
         results[name] = res

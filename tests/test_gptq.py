@@ -13,7 +13,7 @@ from pdmix import LLM, SamplingParams
 from pdmix.cli import main
 from pdmix.format.inspect import inspect_checkpoint
 from pdmix.format.reader import SafetensorsFolder
-from pdmix.quant.config import QuantConfig
+from pdmix.quant.config import RECIPES, QuantConfig
 from pdmix.quant.gptq import gptq_round
 from pdmix.quant.pipeline import quantize
 from spec_reference import Reference, assert_close
@@ -82,11 +82,11 @@ def test_gptq_with_diagonal_hessian_is_nearest_rounding():
 
 
 def test_gptq_checkpoint_inspects_and_runs_as_reference(tiny_models, small_calib, tmp_path):
-    """GPTQ with smoothing and an auto rollback budget: the output is an ordinary W8A8_MIX checkpoint
-    that inspect accepts and the runtime computes as SPEC §5 does."""
+    """The `best` recipe (GPTQ, m4 smoothing, an auto rollback budget over the measured-error ranking),
+    at a 5% budget: the output is an ordinary W8A8_MIX checkpoint that inspect accepts and the runtime
+    computes as SPEC §5 does."""
     out = quantize(tiny_models("qwen2"), tmp_path / "out",
-                   QuantConfig(anti_method="m4", disable_level="auto:5", w_method="gptq", calib_file=str(small_calib),
-                               quiet=True))
+                   QuantConfig(**dict(RECIPES["best"], disable_level="auto:5"), calib_file=str(small_calib), quiet=True))
     assert inspect_checkpoint(out)["quantized_linears"] > 0
     llm, ref = LLM(out), Reference(out)
     for mode, n_dynamic in (("pdmix", 24), ("dynamic", len(IDS)), ("static", 0)):

@@ -15,6 +15,7 @@ class QuantConfig:
     observer: str = "minmax"        # static activation range: minmax | percentile | mse
     w_method: str = "minmax"        # weight rounding: minmax (nearest) | gptq
     disable_level: str = "L0"       # Ln: keep the n most sensitive linears float; auto:<pct> by budget
+    rollback_score: str = "ratio"   # sensitivity: ratio (max|x|/std, msModelSlim's) | error (measured)
     disable_names: tuple[str, ...] = ()
     calib_file: str | None = None   # jsonl; None = the calibration set shipped with pdmix
     calib_max_samples: int = 48
@@ -64,9 +65,10 @@ RECIPES = {
     "default": {},
     "Qwen3-14B": dict(anti_method="m4", alpha=0.5, disable_level="L10", calib_max_samples=48),
     # What docs/accuracy.md measured best on SmolLM2 (by KL to the float model): m4, GPTQ-rounded weights,
-    # then the fewest sensitive linears kept float that bring the static path within 1% of float
-    # perplexity on the calibration prompts (19 there, against 24 with round-to-nearest weights).
-    "best": dict(anti_method="m4", alpha=0.5, observer="minmax", w_method="gptq", disable_level="auto:1"),
+    # then the fewest linears kept float, ranked by their measured effect on their layer's output, that
+    # bring the static path within 1% of float perplexity on the calibration prompts (12 there).
+    "best": dict(anti_method="m4", alpha=0.5, observer="minmax", w_method="gptq", disable_level="auto:1",
+                 rollback_score="error"),
     # msModelSlim's lab_practice/qwen3_moe/qwen3-30b-a3b-w8a8.yaml: m4 (which skips experts), no rollback;
     # the MLP linears' W8A8_DYNAMIC scheme comes with the architecture (docs/moe.md)
     "Qwen3-30B-A3B": dict(anti_method="m4", alpha=0.5, disable_level="L0", calib_max_samples=48),

@@ -37,8 +37,8 @@ from pdmix.models.linear import FloatLinear, RowSplit, W8A8DynamicLinear, W8A8Mi
 from pdmix.models.moe import decoder_layer
 from pdmix.quant import calib, gptq, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
-from pdmix.quant.arithmetic import quantize_linear, quantize_weight
-from pdmix.quant.calib_forward import FakeQuantLinear, RunningInputQuant, fake_weight
+from pdmix.quant.arithmetic import quantize_linear, quantize_weight, weight_scale
+from pdmix.quant.calib_forward import FakeQuantLinear, RunningInputQuant, fake_quant, fake_weight
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, MinMaxObserver, make_observer
 from pdmix.schemes import w8a8_dynamic
@@ -180,10 +180,14 @@ class Calibration:
         for i, h in enumerate(self.hidden):
             if on_chunk:
                 on_chunk(i)
-            cos, sin = self.rope[i]
-            out.append(layer(h, cos, sin, packed_causal_attention(self.lengths[i], calibration_attention), split))
+            out.append(self.forward(layer, i, h, split))
         if keep:
             self.hidden = out
+
+    def forward(self, layer: DecoderLayer, chunk: int, h: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        """`layer` over the rows h of chunk `chunk`."""
+        cos, sin = self.rope[chunk]
+        return layer(h, cos, sin, packed_causal_attention(self.lengths[chunk], calibration_attention), split)
 
 
 # ---------------------------------------------------------------- the passes
@@ -205,16 +209,54 @@ def analysis_pass(cfg, st, cal: Calibration, config: QuantConfig, spill: Path, l
                     h.remove()
                 t = anti_outlier(config.anti_method, cfg, i, t, stats, config.alpha)
                 save_file({k: v.contiguous() for k, v in t.items()}, str(spill / f"layer{i:05d}.safetensors"))
-            inputs = {g: rollback.InputStats() for g in static_groups(cfg)}
-            layer = build_layer(cfg, i, t, device=cal.device)
-            hooks = observe_inputs(layer, lambda g, x: inputs[g].update(x), static_groups(cfg))
-            cal.run(layer)
-            for h in hooks:
-                h.remove()
-            scores.update({(i, g): s.score() for g, s in inputs.items()})
+            how = config.rollback_score if config.rollback_count() != 0 else "ratio"  # error: only when it is used
+            scores.update({(i, g): s for g, s in sensitivity(cfg, i, t, cal, how).items()})
             st.release()
             bar.update()
     return scores
+
+
+def sensitivity(cfg, i: int, t: dict, cal: Calibration, how: str) -> dict:
+    """Each static group's rollback score (rollback.py) from the float forward of layer i, which carries
+    the calibration hidden states on to the next layer."""
+    chunk = [0]
+    ratio = {g: rollback.InputStats() for g in static_groups(cfg)}
+    ranges = {g: MinMaxObserver() for g in static_groups(cfg)}
+
+    def see(g, x):
+        ratio[g].update(x)
+        if how == "error":
+            for rows in cal.prompts(x, chunk[0]):
+                ranges[g].update(rows)
+    layer = build_layer(cfg, i, t, device=cal.device)
+    hooks = observe_inputs(layer, see, static_groups(cfg))
+    inputs = cal.hidden
+    cal.run(layer, on_chunk=lambda c: chunk.__setitem__(0, c))
+    for h in hooks:
+        h.remove()
+    if how == "ratio":
+        return {g: s.score() for g, s in ratio.items()}
+    return {g: static_output_error(cfg, i, t, cal, g, inputs, ranges[g]) for g in static_groups(cfg)}
+
+
+def static_output_error(cfg, i: int, t: dict, cal: Calibration, group, inputs: list, ranges: MinMaxObserver,
+                        max_chunks: int = 1) -> float:
+    """rollback's `error` score of one group: layer i with that group's linears static W8A8 (fake-quantized,
+    minmax weights and range), the rest float, against its float outputs (cal.hidden), over the first
+    `max_chunks` calibration chunks (up to 4096 tokens each: a mean over that many tokens ranks the groups)."""
+    params = ranges.params(cfg.dtype)
+    modules = {}
+    for n in group:
+        p = linear_prefix(i, n)
+        w, bias = t[p + ".weight"], t.get(p + ".bias")
+        modules[p] = FakeQuantLinear(fake_weight(w, weight_scale(w)).to(cal.device),
+                                     None if bias is None else bias.to(cal.device), lambda x: fake_quant(x, *params))
+    layer = build_layer(cfg, i, t, device=cal.device, modules=modules)
+    err = rollback.OutputError()
+    with torch.no_grad():
+        for c, (h, ref) in enumerate(zip(inputs[:max_chunks], cal.hidden)):
+            err.update(cal.forward(layer, c, h), ref)
+    return err.score()
 
 
 def calibrate_layer(cfg, i: int, t: dict, cal: Calibration, config: QuantConfig, weights: dict, dynamic: dict,
@@ -355,7 +397,7 @@ def choose_float_linears(cfg, config: QuantConfig, scores, log: Log) -> set[str]
         log(f"rollback {p} (--disable_names)")
     top = rollback.most_sensitive(scores, config.rollback_count() or 0)
     for p, s in top:
-        log(f"rollback {p} (max|x|/std {s:.1f})")
+        log(f"rollback {p} ({'max|x|/std' if config.rollback_score == 'ratio' else 'output error'} {s:.3g})")
     return by_name | {p for p, _ in top}
 
 
@@ -369,6 +411,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         raise PdmixError(f"--anti_method {config.anti_method}: expected one of {', '.join(METHODS)}")
     if config.observer not in OBSERVERS:
         raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
+    if config.rollback_score not in rollback.ROLLBACK_SCORES:
+        raise PdmixError(f"--rollback_score {config.rollback_score}: expected one of {', '.join(rollback.ROLLBACK_SCORES)}")
     if config.w_method not in gptq.W_METHODS:
         raise PdmixError(f"--w_method {config.w_method}: expected one of {', '.join(gptq.W_METHODS)}")
     check_no_overlap(model_path, save_path)

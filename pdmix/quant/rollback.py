@@ -1,8 +1,13 @@
 """Rollback: which linears stay float (SPEC §7).
 
-A linear's sensitivity to activation quantization is max|x| / std(x) of its input over the
-calibration set. Linears that read the same input (q/k/v, gate/up) share a score and roll back
-together.
+A linear group's sensitivity to activation quantization is scored one of two ways (`--rollback_score`):
+  - ratio (msModelSlim's, the default): max|x| / std(x) of its input over the calibration set;
+  - error: what static W8A8 of that group alone does to its decoder layer's output, measured: the
+    mean over tokens of |y_q - y|^2 / |y|^2, y the layer's float output (the residual stream) and
+    y_q the same with the group's weights and inputs fake-quantized (minmax weight, the minmax
+    static range). Per token and relative, because the final RMSNorm sees each token's hidden state
+    relative to its own size; a few attention-sink tokens with massive norms weigh no more than others.
+Linears that read the same input (q/k/v, gate/up) share a score and roll back together.
 """
 
 from dataclasses import dataclass
@@ -31,6 +36,25 @@ class InputStats:
         mean = self.total / self.count
         std = max(self.total_sq / self.count - mean * mean, 0.0) ** 0.5
         return self.absmax / max(std, 1e-12)
+
+
+ROLLBACK_SCORES = ("ratio", "error")
+
+
+@dataclass
+class OutputError:
+    """The `error` score: mean over tokens of |out - ref|^2 / |ref|^2 (rows are tokens)."""
+    total: float = 0.0
+    count: int = 0
+
+    def update(self, out: torch.Tensor, ref: torch.Tensor) -> None:
+        out, ref = out.to(torch.float32), ref.to(torch.float32)
+        err = (out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+        self.total += err.sum().item()
+        self.count += ref.shape[0]
+
+    def score(self) -> float:
+        return self.total / max(self.count, 1)
 
 
 def group_prefixes(layer: int, group: tuple[str, ...]) -> list[str]:

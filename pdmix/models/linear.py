@@ -33,6 +33,11 @@ class RowSplit:
         return (torch.arange(total, device=device) < self.dynamic_rows(total))[:, None]
 
 
+def dynamic_rows(split: RowSplit | None, total: int) -> int:
+    """How many of `total` rows take the dynamic path: all of them when there is no split (prefill)."""
+    return total if split is None else split.dynamic_rows(total)
+
+
 @torch.library.custom_op("pdmix::linear", mutates_args=())
 def eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The float linear as an opaque op in a compiled graph: Inductor would otherwise lower a small-M
@@ -136,7 +141,7 @@ class W8A8MixLinear(nn.Module):
         if isinstance(split, torch.Tensor):
             y = self.kernel.apply_masked(x, split)
         else:
-            y = self.kernel.apply(x, x.shape[0] if split is None else split.dynamic_rows(x.shape[0]))
+            y = self.kernel.apply(x, dynamic_rows(split, x.shape[0]))
         return y if len(shape) == 2 else y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -16,7 +16,7 @@ from pdmix.kernels import cpu_attention, cpu_block, cpu_float
 from pdmix.kernels.clib import library
 from pdmix.kernels.s8gemm import W8A8Linear
 from pdmix.models.layers import MLP, DecoderLayer, RMSNorm
-from pdmix.models.linear import FloatLinear, W8A8MixLinear
+from pdmix.models.linear import FloatLinear, W8A8MixLinear, dynamic_rows
 
 
 def linear_form(m):
@@ -45,7 +45,7 @@ class DecodeLayer:
         self.block, self.mlp, self.head_dim = block, mlp, block.head_dim
 
     def __call__(self, x, step, cache_k, cache_v, split) -> torch.Tensor:
-        n_dynamic = x.shape[0] if split is None else split.dynamic_rows(x.shape[0])
+        n_dynamic = dynamic_rows(split, x.shape[0])
         h, y = self.block(x, step, cache_k, cache_v, n_dynamic)
         if self.block.down_struct is None:
             return h + self.mlp(y, split)
@@ -79,7 +79,7 @@ class DecodeStack:
         self.head_dim = self.stack.head_dim
 
     def __call__(self, x, step, cache, split) -> torch.Tensor:
-        n_dynamic = x.shape[0] if split is None else split.dynamic_rows(x.shape[0])
+        n_dynamic = dynamic_rows(split, x.shape[0])
         return self.stack(x, step, cache, n_dynamic)
 
 

@@ -44,8 +44,10 @@ def recipe_name(anti, observer, level, w_method="minmax", score="ratio") -> str:
 def recipe_parts(name: str) -> tuple[str, str, str, str, str]:
     """recipe_name's (anti, observer, level, w_method, rollback score)."""
     anti, observer, level, *rest = name.split("-")
-    w_method = next((r for r in rest if r in ("minmax", "gptq")), "minmax")
-    score = next((r for r in rest if r in ("ratio", "error")), "ratio")
+    from pdmix.quant.gptq import W_METHODS as methods
+    from pdmix.quant.rollback import ROLLBACK_SCORES
+    w_method = next((r for r in rest if r in methods), "minmax")
+    score = next((r for r in rest if r in ROLLBACK_SCORES), "ratio")
     return anti, observer, level, w_method, score
 
 

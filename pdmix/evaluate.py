@@ -1,7 +1,9 @@
 """`pdmix eval`: perplexity per quantization path, through the pdmix runtime.
 
 - dynamic: every token through the prefill (per-token) path;
-- static: every token through the decode (per-tensor) path;
+- static: every token but the window's first through the decode (per-tensor) path. The first runs as
+  prefill: a decode step always follows a prefill of at least one token, so it never computes a
+  sequence's first token (the attention sink, whose activations are an outlier of their own);
 - pdmix: the first `prefill_frac` of each window as prefill, the rest teacher-forced through the
   decode path, as generation sees it. Static quantization does not depend on other rows, so
   teacher-forcing the decode part is one forward whose later rows take the static path.
@@ -70,7 +72,7 @@ def token_windows(tokenizer, data: Path, ctx: int, max_windows: int | None, data
 
 def prefill_rows(mode: str, n: int, prefill_frac: float) -> int:
     """How many of a window's n rows run as prefill (per-token path) in a mode."""
-    return n if mode == "dynamic" else 0 if mode == "static" else max(1, int(n * prefill_frac))
+    return n if mode == "dynamic" else 1 if mode == "static" else max(1, int(n * prefill_frac))
 
 
 class Divergence:
@@ -150,7 +152,7 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
             f = base.add(float_llm.score(w, 0, "pdmix"), w, None) if float_llm is not None else None
             for mode in modes:
                 div[mode].add(llm.score(w, prefill_rows(mode, len(w), prefill_frac),
-                                        mode if mode != "float" else "pdmix"), w, f)
+                                        "dynamic" if mode == "dynamic" else "pdmix"), w, f)
             bar.update()
     result["ppl"] = {m: d.ppl() for m, d in div.items()}
     if float_llm is not None:

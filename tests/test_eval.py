@@ -25,10 +25,12 @@ def test_compare_reports_kl_top1_and_ppl_per_path(data):
     res = evaluate(ORACLE, data, ctx=48, max_windows=3, compare=FLOAT, agreement_prompts=0, quiet=True)
     quant, ref = LLM(ORACLE, max_input_length=128), LLM(FLOAT, max_input_length=128)
     windows = token_windows(quant.tokenizer, data, 48, 3)
-    for mode, rows in (("dynamic", lambda n: n), ("static", lambda n: 0), ("pdmix", lambda n: n // 2)):
+    # static: a window's first token is prefill, as a decode step always has one before it
+    for mode, rows, path in (("dynamic", lambda n: n, "dynamic"), ("static", lambda n: 1, "pdmix"),
+                             ("pdmix", lambda n: n // 2, "pdmix")):
         nll = base_nll = kl = top1 = n = 0.0
         for w in windows:
-            q = torch.log_softmax(quant.score(w, rows(len(w)), mode)[:-1].float(), -1)
+            q = torch.log_softmax(quant.score(w, rows(len(w)), path)[:-1].float(), -1)
             f = torch.log_softmax(ref.score(w, 0, "pdmix")[:-1].float(), -1)
             target = torch.tensor(w[1:])
             nll += F.nll_loss(q, target, reduction="sum").item()

@@ -75,24 +75,45 @@ def test_tensors_follow_spec_formulas(tiny_models, small_calib, tmp_path, arch, 
         assert (out / side).read_bytes() == (src / side).read_bytes()
 
 
-def test_first_layer_static_range_matches_float_model(tiny_models, small_calib, tmp_path):
+@pytest.mark.parametrize("static_tokens,first", [("all", 0), ("decode", 1)])
+def test_first_layer_static_range_matches_float_model(tiny_models, copy_model, tmp_path, static_tokens, first):
     """Layer 0's q/k/v input does not depend on upstream quantization: its range must come out exactly
-    from the min/max of transformers' own forward, one calibration prompt at a time (SPEC §4)."""
+    from the min/max of transformers' own forward, one calibration prompt at a time (SPEC §4); with
+    --static_tokens decode, from each prompt's tokens after its first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    src = tiny_models("qwen3")
-    out = quant(src, tmp_path / "out", small_calib)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    src = copy_model(tiny_models("qwen3"))
     tok = AutoTokenizer.from_pretrained(src)
-    mins, maxs = [], []
+    calib = tmp_path / "calib.jsonl"  # each prompt opens with a token found nowhere else
+    calib.write_text("".join(json.dumps({"inputs_pretokenized": c + t}) + "\n" for c, t in
+                             zip("~|^", ("hello, how are you today?", "rivers carve canyons.", "what is 2 + 3?"))))
+    ids = [tok(json.loads(line)["inputs_pretokenized"])["input_ids"] for line in calib.read_text().splitlines()]
+    heads = {t[0] for t in ids}
+    assert not heads & {i for t in ids for i in t[1:]}
+    # each prompt's first token an outlier, as an attention sink is: its embedding all in one channel
+    f = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]["model.embed_tokens.weight"]
+    w = load_file(f)
+    emb = w["model.embed_tokens.weight"]
+    norm = SafetensorsFolder(src, quantized=False).get("model.layers.0.input_layernorm.weight")
+    for t in heads:
+        emb[t] = 0
+        emb[t, norm.float().abs().argmax()] = 1
+    save_file(w, f, metadata={"format": "pt"})
+    out = quant(src, tmp_path / "out", calib, static_tokens=static_tokens)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    mins, maxs, firsts = [], [], []
 
     def record(module, args):
-        mins.append(args[0].min())
-        maxs.append(args[0].max())
+        x = args[0][0]
+        mins.append(x[first:].min())
+        maxs.append(x[first:].max())
+        firsts.append((x[0].min(), x[0].max()))
     hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(record)
     with torch.no_grad():
-        for line in small_calib.read_text().splitlines():
-            model(torch.tensor([tok(json.loads(line)["inputs_pretokenized"])["input_ids"]]))
+        for t in ids:
+            model(torch.tensor([t]))
     hook.remove()
+    # the first token sets some prompt's extreme: the two settings must differ
+    assert any(a < mn or b > mx for (a, b), mn, mx in zip(firsts, mins, maxs)) == bool(first)
     mn = min(torch.stack(mins).mean(), torch.tensor(0.0, dtype=torch.bfloat16))
     mx = max(torch.stack(maxs).mean(), torch.tensor(0.0, dtype=torch.bfloat16))
     scale = torch.clamp((mx - mn) / 255, min=EPS)

@@ -17,6 +17,9 @@ from torch import nn
 
 from pdmix.quant.observer import MinMaxObserver
 
+# --static_tokens: which calibration tokens set the static (decode) ranges -> skip each prompt's first?
+STATIC_TOKENS = {"all": False, "decode": True}  # all: msModelSlim's; decode: the tokens a decode step computes
+
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """msModelSlim's fake_quantize of an input, in x's dtype (bf16 division and all, as it computes it)."""
@@ -28,10 +31,15 @@ class RunningInputQuant:
     """One static linear group's input quantizer during calibration. `prompts(x)` splits a chunk's rows
     into its prompts; `observer` (the configured one) and a running min-max see each prompt's rows in
     order, and the rows are fake-quantized with the min-max parameters so far (msModelSlim's act_method 1
-    calibration mode, no QDrop). on_input(x) sees each chunk's float input once (GPTQ's Hessian)."""
+    calibration mode, no QDrop). on_input(x) sees each chunk's float input once (GPTQ's Hessian).
 
-    def __init__(self, observer, dtype: torch.dtype, prompts, on_input=None):
+    skip_first=True (`--static_tokens decode`): each prompt's first row is neither observed nor
+    quantized. A decode step never computes a sequence's first token (prefill always has), and that
+    token is the attention sink, whose inputs to some linears are hundreds of times everyone else's."""
+
+    def __init__(self, observer, dtype: torch.dtype, prompts, on_input=None, skip_first: bool = False):
         self.observer, self.dtype, self.prompts, self.on_input = observer, dtype, prompts, on_input
+        self.skip = int(skip_first)
         self.running = observer if type(observer) is MinMaxObserver else MinMaxObserver()
         # the last call (key, output, input): the group's linears share one input
         self.last: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
@@ -48,10 +56,13 @@ class RunningInputQuant:
             return self.last[1]
         out = []
         for rows in self.prompts(x):
-            self.observer.update(rows)
-            if self.running is not self.observer:
-                self.running.update(rows)
-            out.append(fake_quant(rows, *self.running.params(self.dtype)))
+            first, rest = rows[:self.skip], rows[self.skip:]
+            if len(rest):  # a one-token prompt has none after its first
+                self.observer.update(rest)
+                if self.running is not self.observer:
+                    self.running.update(rest)
+                rest = fake_quant(rest, *self.running.params(self.dtype))
+            out += [first, rest]
         if self.on_input is not None:
             self.on_input(x)
         self.last = (self.key(x), torch.cat(out), x)

@@ -38,7 +38,7 @@ from pdmix.models.moe import decoder_layer
 from pdmix.quant import calib, gptq, rollback
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear, quantize_weight, weight_scale
-from pdmix.quant.calib_forward import FakeQuantLinear, RunningInputQuant, fake_quant, fake_weight
+from pdmix.quant.calib_forward import STATIC_TOKENS, FakeQuantLinear, RunningInputQuant, fake_quant, fake_weight
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.observer import OBSERVERS, MinMaxObserver, make_observer
 from pdmix.schemes import w8a8_dynamic
@@ -272,7 +272,8 @@ def calibrate_layer(cfg, i: int, t: dict, cal: Calibration, config: QuantConfig,
     modules = {}
     for g in static_groups(cfg):
         quant = RunningInputQuant(observers[g], cfg.dtype, lambda x: cal.prompts(x, chunk[0]),
-                                  None if hessians is None else lambda x, g=g: hessians.update(g, x))
+                                  None if hessians is None else lambda x, g=g: hessians.update(g, x),
+                                  skip_first=STATIC_TOKENS[config.static_tokens])
         for n in g:
             p = linear_prefix(i, n)
             if p in weights:
@@ -415,6 +416,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         raise PdmixError(f"--rollback_score {config.rollback_score}: expected one of {', '.join(rollback.ROLLBACK_SCORES)}")
     if config.w_method not in gptq.W_METHODS:
         raise PdmixError(f"--w_method {config.w_method}: expected one of {', '.join(gptq.W_METHODS)}")
+    if config.static_tokens not in STATIC_TOKENS:
+        raise PdmixError(f"--static_tokens {config.static_tokens}: expected one of {', '.join(STATIC_TOKENS)}")
     check_no_overlap(model_path, save_path)
     check_target(Path(save_path), overwrite)
     device = resolve_device(config.device)
@@ -430,10 +433,14 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     prompts = calib.read_prompts(config.calib_file, config.calib_max_samples)
     tokenizer = load_tokenizer(model_path)
     ids = calib.tokenize(tokenizer, prompts, config.calib_max_len)
+    if STATIC_TOKENS[config.static_tokens] and max(len(t) for t in ids) < 2:
+        raise PdmixError(f"--static_tokens {config.static_tokens}: every calibration prompt is one token long, "
+                         "so no token after a prompt's first is left to set the static ranges")
     check_all_finite(st)  # last: it reads every tensor
     log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
-        f"w_method {config.w_method}, rollback {config.disable_level}; device {device}")
+        f"w_method {config.w_method}, static_tokens {config.static_tokens}, rollback {config.disable_level}; "
+        f"device {device}")
 
     with atomic_dir(save_path, overwrite) as out:
         cal = Calibration(cfg, st, ids, device)

@@ -124,3 +124,12 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor):
     err = (got - ref).abs()
     assert err.max() < 0.02 * ref.abs().max(), f"max error {err.max():.4f} vs logit scale {ref.abs().max():.3f}"
     assert err.mean() < 0.003 * ref.abs().max(), f"mean error {err.mean():.5f}"
+
+
+def fake_static(x: torch.Tensor, mn: float, mx: float) -> torch.Tensor:
+    """SPEC §4's static quantizer, in x's dtype, and back: per-tensor asymmetric int8 from the range
+    [mn, mx] (in msModelSlim's minmax, the mean of the per-prompt extremes), widened to include 0."""
+    mn, mx = min(mn, 0.0), max(mx, 0.0)
+    scale = (mx - mn) / 255
+    offset = -128 - round(mn / scale)
+    return ((x / scale + offset).round().clamp(-128, 127) - offset) * scale

@@ -11,17 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pdmix.cli import main
 from pdmix.quant.config import QuantConfig
 from pdmix.quant.pipeline import quantize
+from spec_reference import fake_static
 
 GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
           "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
-
-
-def fake_static(x, mn, mx):
-    """SPEC §4: per-tensor asymmetric int8 from the mean per-prompt range, in float."""
-    mn, mx = min(mn, 0.0), max(mx, 0.0)
-    scale = (mx - mn) / 255
-    offset = -128 - round(mn / scale)
-    return ((x.float() / scale + offset).round().clamp(-128, 127) - offset) * scale
 
 
 def fake_weight(w):
@@ -65,7 +58,7 @@ def reference_errors(src, calib) -> dict[tuple[int, str], float]:
             saved = [m.weight.data.clone() for m in mods]
             for m in mods:
                 m.weight.data = fake_weight(m.weight.data)
-            out, _ = run(i, [(m, lambda m, a: (fake_static(a[0], mn, mx),)) for m in mods])
+            out, _ = run(i, [(m, lambda m, a: (fake_static(a[0].float(), mn, mx),)) for m in mods])
             for m, w in zip(mods, saved):
                 m.weight.data = w
             errors[(i, g)] = ((out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1)).mean().item()

@@ -9,14 +9,12 @@ import torch
 from pdmix.cli import main
 from pdmix.quant.calib_forward import RunningInputQuant
 from pdmix.quant.observer import MinMaxObserver
+from spec_reference import fake_static
 
 
 def spec_fake_quant(x: torch.Tensor, mins: list[float], maxs: list[float]) -> torch.Tensor:
-    """SPEC §4 in float64: the mean per-prompt range (widened to 0), scale, integer offset, round trip."""
-    mn, mx = min(sum(mins) / len(mins), 0.0), max(sum(maxs) / len(maxs), 0.0)
-    scale = (mx - mn) / 255
-    offset = -128 - round(mn / scale)
-    return ((x.double() / scale + offset).round().clamp(-128, 127) - offset) * scale
+    """SPEC §4 in float64 with msModelSlim's minmax range: the mean of the per-prompt extremes."""
+    return fake_static(x.double(), sum(mins) / len(mins), sum(maxs) / len(maxs))
 
 
 def test_first_row_of_each_prompt_is_neither_observed_nor_quantized():

@@ -408,16 +408,11 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     t0 = time.time()
     model_path = Path(model_path)
     config.validate()
-    if config.anti_method not in METHODS:
-        raise PdmixError(f"--anti_method {config.anti_method}: expected one of {', '.join(METHODS)}")
-    if config.observer not in OBSERVERS:
-        raise PdmixError(f"--observer {config.observer}: expected one of {', '.join(OBSERVERS)}")
-    if config.rollback_score not in rollback.ROLLBACK_SCORES:
-        raise PdmixError(f"--rollback_score {config.rollback_score}: expected one of {', '.join(rollback.ROLLBACK_SCORES)}")
-    if config.w_method not in gptq.W_METHODS:
-        raise PdmixError(f"--w_method {config.w_method}: expected one of {', '.join(gptq.W_METHODS)}")
-    if config.static_tokens not in STATIC_TOKENS:
-        raise PdmixError(f"--static_tokens {config.static_tokens}: expected one of {', '.join(STATIC_TOKENS)}")
+    for flag, choices in (("anti_method", METHODS), ("observer", OBSERVERS), ("rollback_score", rollback.ROLLBACK_SCORES),
+                          ("w_method", gptq.W_METHODS), ("static_tokens", STATIC_TOKENS)):
+        value = getattr(config, flag)
+        if value not in choices:
+            raise PdmixError(f"--{flag} {value}: expected one of {', '.join(choices)}")
     check_no_overlap(model_path, save_path)
     check_target(Path(save_path), overwrite)
     device = resolve_device(config.device)

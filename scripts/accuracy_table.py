@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (fetched by pdmix), WikiText-2 valid: calibrate on the fir
 tokens, evaluate perplexity on the rest (ctx 512, non-overlapping windows) through the pdmix
 runtime, for float and each recipe in {none, smooth, m4} x {minmax, mse} x {L0, L10, auto} x
 {minmax, gptq weight rounding} (--w_methods) x {ratio, error rollback score} (--rollback_scores) x {all, decode
-static-range tokens} (--static_tokens), per path (dynamic, static, pdmix). Greedy-token agreement with float (20 chat prompts, 64 new tokens)
+static-range tokens} (--static_tokens) x {none, quarot rotation} (--rotations), per path (dynamic, static, pdmix). Greedy-token agreement with float (20 chat prompts, 64 new tokens)
 for the recipes named by --agreement.
 
     python scripts/accuracy_table.py --out out/accuracy --windows 20
@@ -37,21 +37,24 @@ def write_calibration(tokenizer, data: Path, path: Path, samples: int, tokens: i
             f.write(json.dumps({"inputs_pretokenized": tokenizer.decode(quarter[start:start + tokens])}) + "\n")
 
 
-def recipe_name(anti, observer, level, w_method="minmax", score="ratio", static_tokens="all") -> str:
+def recipe_name(anti, observer, level, w_method="minmax", score="ratio", static_tokens="all", rotation="none") -> str:
     return (f"{anti}-{observer}-{level.replace(':', '')}" + ("" if w_method == "minmax" else f"-{w_method}")
-            + ("" if score == "ratio" else f"-{score}") + ("" if static_tokens == "all" else f"-{static_tokens}"))
+            + ("" if score == "ratio" else f"-{score}") + ("" if static_tokens == "all" else f"-{static_tokens}")
+            + ("" if rotation == "none" else f"-{rotation}"))
 
 
-def recipe_parts(name: str) -> tuple[str, str, str, str, str, str]:
-    """recipe_name's (anti, observer, level, w_method, rollback score, static tokens)."""
+def recipe_parts(name: str) -> tuple[str, str, str, str, str, str, str]:
+    """recipe_name's (anti, observer, level, w_method, rollback score, static tokens, rotation)."""
     anti, observer, level, *rest = name.split("-")
     from pdmix.quant.calib_forward import STATIC_TOKENS
     from pdmix.quant.gptq import W_METHODS as methods
     from pdmix.quant.rollback import ROLLBACK_SCORES
+    from pdmix.quant.rotate import ROTATIONS
     w_method = next((r for r in rest if r in methods), "minmax")
     score = next((r for r in rest if r in ROLLBACK_SCORES), "ratio")
     static_tokens = next((r for r in rest if r in STATIC_TOKENS), "all")
-    return anti, observer, level, w_method, score, static_tokens
+    rotation = next((r for r in rest if r in ROTATIONS and r != "none"), "none")
+    return anti, observer, level, w_method, score, static_tokens, rotation
 
 
 def main() -> int:
@@ -68,6 +71,7 @@ def main() -> int:
     ap.add_argument("--w_methods", nargs="+", default=list(W_METHODS), help="weight rounding: minmax, gptq")
     ap.add_argument("--rollback_scores", nargs="+", default=["ratio"], help="rollback ranking: ratio, error")
     ap.add_argument("--static_tokens", nargs="+", default=["all"], help="static-range tokens: all, decode")
+    ap.add_argument("--rotations", nargs="+", default=["none"], help="rotation before quantizing: none, quarot")
     ap.add_argument("--agreement", nargs="*", default=[], help="recipe names to measure greedy agreement for")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "accuracy.md"))
     args = ap.parse_args()
@@ -93,16 +97,17 @@ def main() -> int:
     if "float" not in results:
         results["float"] = evaluate(model, **common)
         results_path.write_text(json.dumps(results, indent=1))
-    for anti, observer, level, w_method, score, tokens in itertools.product(
-            args.anti, args.observers, args.levels, args.w_methods, args.rollback_scores, args.static_tokens):
-        name = recipe_name(anti, observer, level, w_method, score, tokens)
+    for anti, observer, level, w_method, score, tokens, rotation in itertools.product(
+            args.anti, args.observers, args.levels, args.w_methods, args.rollback_scores, args.static_tokens,
+            args.rotations):
+        name = recipe_name(anti, observer, level, w_method, score, tokens, rotation)
         if name in results and (name not in args.agreement or "greedy_agreement" in results[name].get("compare", {})):
             continue
         ckpt = out / name
         t0 = time.time()
         if not (ckpt / "quant_model_description.json").exists():
             quantize(model, ckpt, QuantConfig(anti_method=anti, observer=observer, disable_level=level, w_method=w_method,
-                                              rollback_score=score, static_tokens=tokens,
+                                              rollback_score=score, static_tokens=tokens, rotation=rotation,
                                               calib_file=str(calib), calib_max_samples=args.calib_samples,
                                               calib_max_len=args.calib_tokens, quiet=True), overwrite=True)
         quant_s = time.time() - t0
@@ -158,10 +163,10 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
     for name, r in results.items():
         if name == "float":
             continue
-        anti, observer, level, w_method, score, tokens = recipe_parts(name)
+        anti, observer, level, w_method, score, tokens, rotation = recipe_parts(name)
         p, d = r["ppl"], r["compare"]["delta"]
         g = r["compare"].get("greedy_agreement")
-        lines.append(f"| {anti} | {observer}{'' if tokens == 'all' else ', ' + tokens} | {level} ({score}) | {w_method} | {r.get('float_linears', '')} | {p['dynamic']:.4f} | "
+        lines.append(f"| {anti if rotation == 'none' else rotation + ' + ' + anti} | {observer}{'' if tokens == 'all' else ', ' + tokens} | {level} ({score}) | {w_method} | {r.get('float_linears', '')} | {p['dynamic']:.4f} | "
                      f"{p['static']:.4f} | {p['pdmix']:.4f} | {d['dynamic']:+.2%} | {d['static']:+.2%} | "
                      f"{d['pdmix']:+.2%} | {kl_cell(r['compare'])} | {agreement(g)} | {r.get('quantize_s') or ''} |")
     best = pick_best(results)
@@ -176,7 +181,8 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
         "calibration prompts. `L10` = the 10 most sensitive linears, msModelSlim's rollback. `(ratio)`: ranked by "
         "msModelSlim's max|x|/std; `(error)`: by the measured static W8A8 error of each group's layer output "
         "(`--rollback_score error`). `minmax, decode`: static ranges from every calibration token but each "
-        "prompt's first (`--static_tokens decode`).",
+        "prompt's first (`--static_tokens decode`). `quarot + m4`: the float model rotated by Hadamard "
+        "matrices first (`--rotation quarot`), then smoothed.",
         "- The seed's recipe (`--model_type Qwen3-14B`: m4, alpha 0.5, L10, minmax) is the `m4 | minmax | L10` row.",
         "- KL: the mean KL(float || quantized) of the next-token distributions over the same windows, in "
         "thousandths of a nat per token (`pdmix eval --compare`). A perplexity delta also carries which way "

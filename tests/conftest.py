@@ -22,7 +22,7 @@ def tiny_models(tmp_path_factory):
     made = {}
 
     def get(arch: str, dtype=torch.bfloat16, **kw) -> Path:
-        key = (arch, dtype, tuple(sorted(kw.items())))
+        key = (arch, dtype, json.dumps(kw, sort_keys=True))  # kw may hold a shape dict
         if key not in made:
             made[key] = make_random_model(root / f"{arch}-{str(dtype)[6:]}-{len(made)}", arch, dtype=dtype, **kw)
         return made[key]

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--static_tokens", default=None,
                    help="calibration tokens that set the static (decode) ranges: all (msModelSlim's; default) | "
                         "decode (all but each prompt's first, which only prefill computes)")
+    p.add_argument("--rotation", default=None,
+                   help="none (default) | quarot: rotate the float model by Hadamard matrices first (msModelSlim's "
+                        "quarot processor, offline): outliers spread over every channel; a tied lm_head is untied")
     p.add_argument("--disable_names", nargs="*", default=None, help="linears to keep float, by full name")
     p.add_argument("--part_file_size", type=float, default=None, help="shard size in GB (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path")
@@ -53,7 +56,7 @@ def run(args) -> int:
     _bool(args.trust_remote_code)
     overrides = {k: getattr(args, k) for k in ("device", "calib_file", "calib_max_samples", "calib_max_len",
                                                 "anti_method", "alpha", "observer", "w_method", "disable_level",
-                                                "rollback_score", "static_tokens", "part_file_size")}
+                                                "rollback_score", "static_tokens", "rotation", "part_file_size")}
     if args.w_method is not None:  # msModelSlim spells it 'GPTQ' (QuantConfig) and 'gptq' (YAML)
         overrides["w_method"] = args.w_method.lower()
     overrides["disable_names"] = tuple(args.disable_names) if args.disable_names else None

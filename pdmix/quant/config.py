@@ -17,6 +17,7 @@ class QuantConfig:
     disable_level: str = "L0"       # Ln: keep the n most sensitive linears float; auto:<pct> by budget
     rollback_score: str = "ratio"   # sensitivity: ratio (max|x|/std, msModelSlim's) | error (measured)
     static_tokens: str = "all"      # static ranges from: all (msModelSlim's) | decode (each prompt's first token left out)
+    rotation: str = "none"          # none | quarot (offline Hadamard rotation of the residual stream and values)
     disable_names: tuple[str, ...] = ()
     calib_file: str | None = None   # jsonl; None = the calibration set shipped with pdmix
     calib_max_samples: int = 48

@@ -35,7 +35,7 @@ from pdmix.models.config import ModelConfig, load_config
 from pdmix.models.layers import DecoderLayer, Rotary, layer_norms, packed_causal_attention
 from pdmix.models.linear import FloatLinear, RowSplit, W8A8DynamicLinear, W8A8MixLinear
 from pdmix.models.moe import decoder_layer
-from pdmix.quant import calib, gptq, rollback
+from pdmix.quant import calib, gptq, rollback, rotate
 from pdmix.quant.anti_outlier import METHODS, ChannelStats, anti_outlier
 from pdmix.quant.arithmetic import quantize_linear, quantize_weight, weight_scale
 from pdmix.quant.calib_forward import STATIC_TOKENS, FakeQuantLinear, RunningInputQuant, fake_quant, fake_weight
@@ -392,6 +392,14 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def untie_config(path: Path) -> None:
+    """The rotated lm_head is a tensor of its own (rotate.py): config.json says so."""
+    import json
+    config = json.loads(path.read_text())
+    config["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def choose_float_linears(cfg, config: QuantConfig, scores, log: Log) -> set[str]:
     by_name = rollback.expand_names(config.disable_names, cfg.num_layers, cfg)
     for p in sorted(by_name):
@@ -409,7 +417,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
     model_path = Path(model_path)
     config.validate()
     for flag, choices in (("anti_method", METHODS), ("observer", OBSERVERS), ("rollback_score", rollback.ROLLBACK_SCORES),
-                          ("w_method", gptq.W_METHODS), ("static_tokens", STATIC_TOKENS)):
+                          ("w_method", gptq.W_METHODS), ("static_tokens", STATIC_TOKENS),
+                          ("rotation", rotate.ROTATIONS)):
         value = getattr(config, flag)
         if value not in choices:
             raise PdmixError(f"--{flag} {value}: expected one of {', '.join(choices)}")
@@ -420,6 +429,8 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         check_not_quantized(model_path)
     cfg = load_config(model_path)
     config.check_model(cfg)
+    if config.rotation == "quarot":
+        rotate.check_rotatable(cfg)
     n_rollback = config.rollback_count()
     auto = n_rollback is None
     st = SafetensorsFolder(model_path, quantized=False)
@@ -432,37 +443,43 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         raise PdmixError(f"--static_tokens {config.static_tokens}: every calibration prompt is one token long, "
                          "so no token after a prompt's first is left to set the static ranges")
     check_all_finite(st)  # last: it reads every tensor
+    source = rotate.RotatedSource(st, cfg) if config.rotation == "quarot" else st  # the float model quantized
     log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
-        f"w_method {config.w_method}, static_tokens {config.static_tokens}, rollback {config.disable_level}; "
+        f"w_method {config.w_method}, static_tokens {config.static_tokens}, rotation {config.rotation}, "
+        f"rollback {config.disable_level}; "
         f"device {device}")
 
     with atomic_dir(save_path, overwrite) as out:
-        cal = Calibration(cfg, st, ids, device)
+        cal = Calibration(cfg, source, ids, device)
         spill, scores = None, {}
         if config.anti_method != "none" or n_rollback or auto:
             spill = out / ".smoothed" if config.anti_method != "none" else None
             if spill:
                 spill.mkdir()
-            scores = analysis_pass(cfg, st, cal, config, spill or out, log)
-            float_nll = calib_nll(cfg, st, cal) if auto else None
+            scores = analysis_pass(cfg, source, cal, config, spill or out, log)
+            float_nll = calib_nll(cfg, source, cal) if auto else None
             cal.reset()
         float_linears = choose_float_linears(cfg, config, scores, log)
         if auto:
-            chosen = budget_rollback(cfg, st, cal, config, spill, scores, float_nll, log)
+            chosen = budget_rollback(cfg, source, cal, config, spill, scores, float_nll, log)
             for p in sorted(chosen):
                 log(f"rollback {p} (auto budget)")
             float_linears |= chosen
         writer = CheckpointWriter(out, config.part_file_size)
-        quantize_pass(cfg, st, cal, config, float_linears, spill, writer, log)
+        quantize_pass(cfg, source, cal, config, float_linears, spill, writer, log)
         for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            if name in st:
+            if source is not st and name in source:  # computed by the rotation
+                writer.add({name: source.get(name)}, {name: FLOAT})
+            elif name in st:
                 dtype, shape = st.meta(name)
                 writer.add_from_file(name, dtype, shape, st.file_of(name), FLOAT)
         files = writer.finish()
         if spill:
             shutil.rmtree(spill)
         copy_side_files(model_path, out)
+        if source is not st and cfg.tie_word_embeddings:
+            untie_config(out / "config.json")
         check_output(out, save_path)
     n_quant = sum(len(layer_linears(cfg, i)) for i in range(cfg.num_layers)) - len(float_linears)
     log(f"wrote {save_path}: {n_quant} linears quantized, {len(float_linears)} float, {len(files)} file(s) "

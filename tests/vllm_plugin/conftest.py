@@ -60,6 +60,13 @@ def checkpoints(tmp_path_factory):
             # fp32 scales, int64 deq_scale (fp16), sharded names, m4 norm and linear biases, q/k float beside a quantized v
             return build_w8a8_checkpoint(src, root / name, variant="msmodelslim", m4_biases=True, float_layers=SPLIT_QK,
                                          quant_label="W8A8" if kind.endswith("legacy") else QUANT_TYPE)
+        if kind == "quarot":
+            # rotated (`--rotation quarot`) from a tied source, so the checkpoint has an lm_head of its own; GPTQ
+            tied = root / f"{arch}-{dtype}-float-tied"
+            if not tied.exists():
+                make_random_model(tied, arch, shape=TINY_SHAPE, dtype=getattr(torch, dtype), tie=True)
+            return quantize(tied, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--rotation",
+                            "quarot", "--w_method", "gptq", "--disable_names", *SPLIT_QK)
         # pdmix's quantizer with m4 smoothing (and, "-gptq", GPTQ weight rounding); up_proj float beside a
         # quantized gate_proj
         return quantize(src, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--disable_names",

@@ -13,7 +13,7 @@ from pdmix import LLM as PdmixLLM
 from vllm import SamplingParams
 
 TINY = ["llama-msmodelslim", "qwen2-msmodelslim-legacy", "qwen3-msmodelslim-fp16", "llama-pdmix", "qwen3-pdmix",
-        "qwen3-gptq"]
+        "qwen3-gptq", "llama-quarot"]
 # Per-token logprob agreement on the tiny random models (vocab 512, so logprobs are near -6.2 and
 # flat): the engines share the quantized arithmetic but round bf16 attention, norms and residual
 # adds in a different order, which moves a quantized activation to the next int8 level now and

@@ -61,11 +61,10 @@ def checkpoints(tmp_path_factory):
             return build_w8a8_checkpoint(src, root / name, variant="msmodelslim", m4_biases=True, float_layers=SPLIT_QK,
                                          quant_label="W8A8" if kind.endswith("legacy") else QUANT_TYPE)
         if kind == "quarot":
-            # rotated (`--rotation quarot`) from a tied source, so the checkpoint has an lm_head of its own; GPTQ
-            tied = root / f"{arch}-{dtype}-float-tied"
-            if not tied.exists():
-                make_random_model(tied, arch, shape=TINY_SHAPE, dtype=getattr(torch, dtype), tie=True)
-            return quantize(tied, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--rotation",
+            # rotated by Hadamard matrices first (`--rotation quarot`), m4 and GPTQ on top. (A tied random source's
+            # lm_head is its embedding table, std 0.5: its logits are so sharp that bf16 rounding order alone moves
+            # logprobs past this file's tolerances, rotated or not; untying is tested in tests/test_rotation.py.)
+            return quantize(src, root / name, "--anti_method", "m4", "--calib_max_samples", "4", "--rotation",
                             "quarot", "--w_method", "gptq", "--disable_names", *SPLIT_QK)
         # pdmix's quantizer with m4 smoothing (and, "-gptq", GPTQ weight rounding); up_proj float beside a
         # quantized gate_proj

@@ -29,6 +29,7 @@ from pdmix.errors import PdmixError
 from pdmix.format.names import DYNAMIC_TYPE, FLOAT, QUANT_TYPE
 from pdmix.format.reader import SafetensorsFolder
 from pdmix.format.writer import CheckpointWriter
+from pdmix.jsonfile import read_json_object
 from pdmix.models.arch import (BY_NAME, GROUPS, INPUT_GROUPS, LINEAR_NAMES, is_dynamic_linear, layer_linears,
                                linear_prefix, static_groups)
 from pdmix.models.config import ModelConfig, load_config
@@ -290,15 +291,15 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
     from safetensors.torch import load_file
     with log.bar(cfg.num_layers, "quantize") as bar:
         for i in range(cfg.num_layers):
-            source = load_layer(st, i)
-            t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else source
+            t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else load_layer(st, i)
+            prefix = f"model.layers.{i}."
+            own_biases = {n for n in st.names() if n.startswith(prefix) and n.endswith(".bias")}  # not smoothing's
             static = {linear_prefix(i, n): g for g in static_groups(cfg) for n in g
                       if linear_prefix(i, n) not in float_linears}
             dynamic = {}
             for p, _ in layer_linears(cfg, i):
                 if is_dynamic_linear(cfg, p) and p not in float_linears:  # quantized now, float copy dropped
                     dynamic[p] = {f"{p}.{k}": v for k, v in w8a8_dynamic.quantize(t.pop(p + ".weight")).items()}
-                    source.pop(p + ".weight", None)
             weights = {p: quantize_weight(t[p + ".weight"]) for p in static}
             fake = {p: fake_weight(t[p + ".weight"], weights[p][1]) for p in static}
             if config.w_method == "gptq" and static:
@@ -317,10 +318,9 @@ def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears:
             for p, group in static.items():
                 b = t.get(p + ".bias")
                 q = quantize_linear(t.pop(p + ".weight"), b, *params[group], weights.pop(p)).tensors(p)
-                source.pop(p + ".weight", None)  # float copy no longer needed
                 out.update(q)
                 types.update(dict.fromkeys(q, QUANT_TYPE))
-                if p + ".bias" in source:  # a bias of the source layer's own stays beside quant_bias
+                if p + ".bias" in own_biases:  # a bias of the source layer's own stays beside quant_bias
                     out[p + ".bias"] = b
             for p, q in dynamic.items():
                 out.update(q)
@@ -395,7 +395,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
 def untie_config(path: Path) -> None:
     """The rotated lm_head is a tensor of its own (rotate.py): config.json says so."""
     import json
-    config = json.loads(path.read_text())
+    config = read_json_object(path)
     config["tie_word_embeddings"] = False
     path.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -429,11 +429,11 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         check_not_quantized(model_path)
     cfg = load_config(model_path)
     config.check_model(cfg)
-    if config.rotation == "quarot":
-        rotate.check_rotatable(cfg)
     n_rollback = config.rollback_count()
     auto = n_rollback is None
     st = SafetensorsFolder(model_path, quantized=False)
+    rotated = config.rotation == "quarot"
+    source = rotate.RotatedSource(st, cfg) if rotated else st  # the float model quantized; checks its sizes
     check_tensors(cfg, st, dtype_exact=True)  # names, shapes, dtypes against config.json (headers only)
     rollback.expand_names(config.disable_names, cfg.num_layers, cfg)
     prompts = calib.read_prompts(config.calib_file, config.calib_max_samples)
@@ -443,12 +443,10 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         raise PdmixError(f"--static_tokens {config.static_tokens}: every calibration prompt is one token long, "
                          "so no token after a prompt's first is left to set the static ranges")
     check_all_finite(st)  # last: it reads every tensor
-    source = rotate.RotatedSource(st, cfg) if config.rotation == "quarot" else st  # the float model quantized
     log(f"{cfg.arch}, {cfg.num_layers} layers, {cfg.dtype}; {len(ids)} calibration prompts, "
         f"{sum(len(t) for t in ids)} tokens; anti_method {config.anti_method}, observer {config.observer}, "
         f"w_method {config.w_method}, static_tokens {config.static_tokens}, rotation {config.rotation}, "
-        f"rollback {config.disable_level}; "
-        f"device {device}")
+        f"rollback {config.disable_level}; device {device}")
 
     with atomic_dir(save_path, overwrite) as out:
         cal = Calibration(cfg, source, ids, device)
@@ -469,7 +467,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         writer = CheckpointWriter(out, config.part_file_size)
         quantize_pass(cfg, source, cal, config, float_linears, spill, writer, log)
         for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            if source is not st and name in source:  # computed by the rotation
+            if rotated and name in source:  # computed by the rotation
                 writer.add({name: source.get(name)}, {name: FLOAT})
             elif name in st:
                 dtype, shape = st.meta(name)
@@ -478,7 +476,7 @@ def quantize(model_path: str | Path, save_path: str | Path, config: QuantConfig,
         if spill:
             shutil.rmtree(spill)
         copy_side_files(model_path, out)
-        if source is not st and cfg.tie_word_embeddings:
+        if rotated and cfg.tie_word_embeddings:
             untie_config(out / "config.json")
         check_output(out, save_path)
     n_quant = sum(len(layer_linears(cfg, i)) for i in range(cfg.num_layers)) - len(float_linears)

@@ -25,7 +25,7 @@ import torch
 
 from pdmix.errors import PdmixError
 from pdmix.format.description import is_quant_checkpoint
-from pdmix.params import LM_HEAD_HELP, LM_HEADS, number, whole
+from pdmix.params import DTYPE_HELP, DTYPES, LM_HEAD_HELP, LM_HEADS, check_dtype, number, whole
 from pdmix.paths import check_output_file, os_reason, write_results
 
 MODES = ("dynamic", "static", "pdmix")
@@ -124,26 +124,30 @@ def greedy_agreement(quant_llm, float_llm, n_prompts: int, new_tokens: int) -> d
 
 def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_frac=0.5, compare=None,
              data_range=(0.0, 1.0), agreement_prompts=20, agreement_tokens=64, device="cpu", quiet=False,
-             lm_head: str = "float") -> dict:
+             lm_head: str = "float", dtype: str = "auto") -> dict:
     """Each mode's perplexity; with `compare` (a float model) also each mode's delta against it, its
     mean KL(float || quantized) per token and top-1 agreement on the same windows, and greedy agreement.
-    lm_head: the evaluated model's lm_head form (the compare model keeps its float one)."""
+    lm_head: the evaluated model's lm_head form (the compare model keeps its float one). dtype: both
+    models' activations (pdmix.params.DTYPES); float32 takes the runtime's bf16 rounding out of the
+    comparison, which on SmolLM2 is a third of the dynamic path's KL (docs/accuracy.md)."""
     from tqdm import tqdm
 
     from pdmix.runtime.llm import LLM
     from pdmix.models.config import load_config
+    check_dtype(dtype, "dtype")
     quantized = is_quant_checkpoint(Path(model_path))
     modes = list(modes) if quantized else ["float"]
     max_pos = load_config(model_path).max_position_embeddings
     if ctx > max_pos:
         raise PdmixError(f"--ctx {ctx}: windows longer than the model's max_position_embeddings {max_pos}")
     limit = min(ctx + agreement_tokens + 256, max_pos)
-    llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device, lm_head=lm_head)
-    float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device) if compare else None
+    llm = LLM(model_path, max_input_length=limit, max_batch_size=4, device=device, lm_head=lm_head, dtype=dtype)
+    float_llm = LLM(compare, max_input_length=limit, max_batch_size=4, device=device, dtype=dtype) if compare else None
     windows = token_windows(llm.tokenizer, Path(data), ctx, max_windows, data_range)
     result = {"model": str(model_path), "data": str(data), "data_range": list(data_range), "ctx": ctx,
               "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "prefill_frac": prefill_frac,
-              "lm_head": lm_head, "device": str(llm.device), "ppl": {}}
+              "lm_head": lm_head, "dtype": str(llm.cfg.dtype).removeprefix("torch."), "device": str(llm.device),
+              "ppl": {}}
     t0 = time.time()
     div = {m: Divergence() for m in modes}
     base = Divergence()
@@ -180,6 +184,7 @@ def add_arguments(p) -> None:
     p.add_argument("--agreement_tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--lm_head", default="float", choices=LM_HEADS, help=LM_HEAD_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP + "; for both models")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--output", default=None, help="also write the JSON here")
 
@@ -197,7 +202,7 @@ def run(args) -> int:
         raise PdmixError(f"--compare {args.compare} is --model_path itself")
     res = evaluate(args.model_path, args.data, args.ctx, args.max_windows, args.quant_mode, args.prefill_frac,
                    args.compare, parse_range(args.data_range), args.agreement_prompts, args.agreement_tokens,
-                   args.device, quiet=args.json, lm_head=args.lm_head)
+                   args.device, quiet=args.json, lm_head=args.lm_head, dtype=args.dtype)
     text = json.dumps(res, indent=2)
     if args.output:
         write_results(args.output, text + "\n")
@@ -217,5 +222,6 @@ def run(args) -> int:
             if "greedy_agreement" in c:
                 g = c["greedy_agreement"]
                 print(f"greedy agreement {g['rate']:.1%} of {g['tokens']} tokens over {g['prompts']} prompts")
-        print(f"{res['windows']} windows x {res['ctx']} tokens of {res['data']} [{args.data_range}], {res['wall_s']}s")
+        print(f"{res['windows']} windows x {res['ctx']} tokens of {res['data']} [{args.data_range}], "
+              f"{res['dtype']} activations, {res['wall_s']}s")
     return 0

@@ -38,6 +38,17 @@ LM_HEAD_HELP = ("the lm_head's form: float (the model dtype, exact) or int8 (wei
                 "written into a checkpoint)")
 
 
+DTYPES = ("auto", "float32")  # the activations' dtype at run time (models/config.py with_dtype)
+DTYPE_HELP = ("the activations' dtype: auto (the checkpoint's, as MindIE and vLLM compute it) or float32 (float "
+              "weights widened exactly; every activation, epilogue and the KV cache in fp32, as llama.cpp computes: "
+              "the quantization's own error without bf16 rounding; slower)")
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> None:
+    if dtype not in DTYPES:
+        raise PdmixError(f"{flag} {dtype!r}: choose from {', '.join(DTYPES)}")
+
+
 def check_lm_head(lm_head: str, flag: str = "--lm_head") -> None:
     if lm_head not in LM_HEADS:
         raise PdmixError(f"{flag} {lm_head!r}: choose from {', '.join(LM_HEADS)}")

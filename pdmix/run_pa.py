@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pdmix.errors import PdmixError
 from pdmix.jsonfile import read_jsonl
-from pdmix.params import LM_HEAD_HELP, LM_HEADS, whole
+from pdmix.params import DTYPE_HELP, DTYPES, LM_HEAD_HELP, LM_HEADS, whole
 
 DEFAULT_INPUT = "What's deep learning?"
 
@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--kernel", default=None,
                    help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
     p.add_argument("--lm_head", default="float", choices=LM_HEADS, help=LM_HEAD_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="compile the decoder stack for decode steps (bit-identical output; ~1 min on first start)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -137,7 +138,7 @@ def load_llm(args, model_path, num_blocks: int | None = None):
                max_prefill_tokens=args.max_prefill_tokens if args.max_prefill_tokens > 0 else None,
                max_input_length=args.max_input_length, max_output_length=args.max_output_length,
                num_blocks=num_blocks, device=args.device, kernel=args.kernel, compile=args.compile,
-               lm_head=args.lm_head)
+               lm_head=args.lm_head, dtype=args.dtype)
 
 
 def check_flags(args) -> None:
@@ -166,16 +167,17 @@ def run(args) -> int:
                 print(f"Answer[{i}]: {o.text if o.text is not None else o.token_ids}")
                 if args.print_ids:
                     print(f"Generate[{i}] token ids: {o.token_ids}")
-            print(summary(llm.stats, len(outputs), llm.tp.size, llm.kernel_names, args.compile), flush=True)
+            print(summary(llm.stats, len(outputs), llm.tp.size, llm.kernel_names, args.compile, args.dtype), flush=True)
     finally:
         tp.shutdown()
     return 0
 
 
-def summary(s, n: int, tp_size: int, kernel_names: list[str], compiled: bool = False) -> str:
+def summary(s, n: int, tp_size: int, kernel_names: list[str], compiled: bool = False, dtype: str = "auto") -> str:
     rate = lambda tokens, sec: tokens / sec if sec > 0 else 0.0
     kernels = f", kernels {'+'.join(kernel_names)}" if kernel_names else ""
     kernels += ", compiled decode" if compiled else ""
+    kernels += "" if dtype == "auto" else f", {dtype} activations"
     return (f"pdmix run: {n} prompt(s), tp {tp_size}{kernels}: prefill {s.prefill_tokens} tokens in {s.prefill_s:.3f} s "
             f"({rate(s.prefill_tokens, s.prefill_s):.1f} tokens/s), decode {s.decode_tokens} tokens in "
             f"{s.decode_s:.3f} s ({rate(s.decode_tokens, s.decode_s):.1f} tokens/s)")

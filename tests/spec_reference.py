@@ -15,13 +15,16 @@ class Reference:
     """SPEC §5 by the letter: y = deq_scale * (x_q @ W^T + quant_bias) for decode rows,
     y = (x_q @ W^T) * s_t * weight_scale + bias_float for prompt rows."""
 
-    def __init__(self, folder: Path, dynamic_bias: bool = True):
+    def __init__(self, folder: Path, dynamic_bias: bool = True, dtype: torch.dtype | None = None):
+        """dtype: compute in it instead of config.json's (the model's float tensors widened to it)."""
         self.t = {}
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), "pt") as h:
                 self.t.update({k: h.get_tensor(k) for k in h.keys()})
         self.cfg = json.loads((folder / "config.json").read_text())
-        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg["dtype"]]
+        self.dtype = dtype or {"bfloat16": torch.bfloat16, "float16": torch.float16}[self.cfg["dtype"]]
+        if dtype is not None:  # the W8A8 scales stay as stored (fp32, or int64 bit patterns)
+            self.t = {k: v.to(dtype) if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in self.t.items()}
         self.dynamic_bias = dynamic_bias
 
     def quant_linear(self, p: str, x: torch.Tensor, dynamic: bool) -> torch.Tensor:

@@ -351,6 +351,8 @@ CASES += [
     ("run-device", lambda e: e.run(None, "--device", "npu"), "--device: invalid choice: 'npu'"),
     ("run-lm-head", lambda e: e.run(None, "--lm_head", "int4"), "--lm_head: invalid choice: 'int4'"),
     ("eval-lm-head", lambda e: e.eval(None, "--lm_head", "fp8"), "--lm_head: invalid choice: 'fp8'"),
+    ("run-dtype", lambda e: e.run(None, "--dtype", "float16"), "--dtype: invalid choice: 'float16'"),
+    ("eval-dtype", lambda e: e.eval(None, "--dtype", "fp64"), "--dtype: invalid choice: 'fp64'"),
     # --- run: prompts and text input
     ("run-ids-float", lambda e: e.run(None, "--input_ids", "1.5,2"), "--input_ids '1.5,2'"),
     ("run-ids-vocab", lambda e: e.run(None, "--input_ids", "1,99999"), "token id 99999 is outside the vocabulary"),

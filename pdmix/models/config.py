@@ -1,7 +1,7 @@
 """What pdmix needs of a model's config.json, parsed once and checked."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,13 @@ class ModelConfig:
         """The transformers config object (rope parameters of every kind are read from it)."""
         from transformers import AutoConfig
         return AutoConfig.from_pretrained(str(self.folder))
+
+
+def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
+    """cfg as run with activations in `dtype` (pdmix.params.DTYPES): "auto" keeps the stored dtype; "float32"
+    widens every float weight exactly and computes in fp32, the quantized linears' arithmetic unchanged
+    (int8 codes, scales and exact int32 accumulation; only the epilogue's rounding to the model dtype goes)."""
+    return cfg if dtype == "auto" else replace(cfg, dtype=torch.float32)
 
 
 # Upper bounds far above any real model: they stop a typo (1e8 layers) before memory is sized from it.

@@ -45,12 +45,22 @@ def eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return float_gemm(x, weight, bias)
 
 
+FP32_ROWS = 16  # rows per fp32 GEMM call on CPU (float_gemm)
+
+
 def float_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, in C for bf16 on CPU (kernels/cpu_float.py): a row's output then does not depend on
-    how many rows share the GEMM, which torch's bf16 GEMM does not promise."""
+    """F.linear, such that a row's output on CPU does not depend on how many rows share the GEMM, which
+    torch's GEMMs do not promise: bf16 in C (kernels/cpu_float.py); fp32 (`--dtype float32`) as torch's
+    GEMMs of always FP32_ROWS rows (zero-padded), whose kernel choice then no longer follows the row count."""
     if cpu_float.usable(x, weight):
         return cpu_float.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    pad = -x2.shape[0] % FP32_ROWS
+    rows = torch.cat([x2, x2.new_zeros(pad, x2.shape[1])]) if pad else x2
+    y = torch.cat([F.linear(c, weight, bias) for c in rows.split(FP32_ROWS)])[:x2.shape[0]]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @eager_linear.register_fake

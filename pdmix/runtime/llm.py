@@ -8,9 +8,9 @@ from pdmix import kernels
 from pdmix.device import resolve_device
 from pdmix.errors import PdmixError
 from pdmix.format.validate import check_loadable
-from pdmix.models.config import load_config
+from pdmix.models.config import load_config, with_dtype
 from pdmix.models.linear import MODES
-from pdmix.params import check_lm_head, whole
+from pdmix.params import check_dtype, check_lm_head, whole
 from pdmix.runtime import tp as tpm
 from pdmix.runtime.compiled import compile_decoder
 from pdmix.runtime.engine import Engine, Stats
@@ -48,7 +48,7 @@ class LLM:
     def __init__(self, model_path, quant_mode: str = "pdmix", block_size: int = 128, max_batch_size: int = 8,
                  max_prefill_tokens: int | None = None, max_input_length: int = 1024, max_output_length: int = 512,
                  num_blocks: int | None = None, device: str = "cpu", kernel: str | None = None,
-                 compile: bool = False, lm_head: str = "float"):
+                 compile: bool = False, lm_head: str = "float", dtype: str = "auto"):
         if quant_mode not in MODES:
             raise PdmixError(f"quant_mode must be one of {', '.join(MODES)}, got {quant_mode!r}")
         whole("block_size", block_size, 1, 1 << 16)
@@ -59,7 +59,9 @@ class LLM:
             whole("num_blocks", num_blocks, 1)
         kernels.check_name(kernel)
         check_lm_head(lm_head, "lm_head")
-        cfg = load_config(model_path)
+        check_dtype(dtype, "dtype")
+        stored = load_config(model_path)
+        cfg = with_dtype(stored, dtype)
         for name, v in (("max_input_length", max_input_length), ("max_output_length", max_output_length)):
             if whole(name, v, 1) > cfg.max_position_embeddings:  # positions past it were never trained
                 raise PdmixError(f"{name} {v} passes the model's max_position_embeddings "
@@ -72,7 +74,7 @@ class LLM:
         check_kv_memory(cfg, num_blocks, block_size, tp_size, device,
                         f"max_batch_size {max_batch_size} x (max_input_length {max_input_length} + "
                         f"max_output_length {max_output_length}) tokens")
-        check_loadable(cfg)  # before joining the process group: every rank refuses a bad checkpoint alike
+        check_loadable(stored)  # before joining the process group: every rank refuses a bad checkpoint alike
         self.tp, self.device = tpm.init(device)
         self.cfg, self.model = cfg, load_model(cfg, self.device, self.tp, kernel, lm_head)
         if compile:

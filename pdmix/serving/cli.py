@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pdmix.errors import PdmixError
-from pdmix.params import LM_HEAD_HELP, LM_HEADS, number, whole
+from pdmix.params import DTYPE_HELP, DTYPES, LM_HEAD_HELP, LM_HEADS, number, whole
 from pdmix.run_pa import check_engine_flags, load_llm
 
 
@@ -40,6 +40,7 @@ def add_arguments(p) -> None:
     flag(p, "device", default="auto", choices=("cpu", "cuda", "auto"))
     flag(p, "kernel", default=None, help="force a W8A8 kernel backend (onednn, reference, cuda; default: the device's best)")
     flag(p, "lm_head", default="float", choices=LM_HEADS, help=LM_HEAD_HELP)
+    flag(p, "dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     flag(p, "compile", action="store_true",
          help="compile the decoder stack for decode steps (bit-identical output; ~1 min on first start)")
     flag(p, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -129,7 +129,7 @@ def evaluate(model_path, data, ctx=512, max_windows=None, modes=MODES, prefill_f
     mean KL(float || quantized) per token and top-1 agreement on the same windows, and greedy agreement.
     lm_head: the evaluated model's lm_head form (the compare model keeps its float one). dtype: both
     models' activations (pdmix.params.DTYPES); float32 takes the runtime's bf16 rounding out of the
-    comparison, which on SmolLM2 is a third of the dynamic path's KL (docs/accuracy.md)."""
+    comparison, 28-43% of the dynamic path's KL on SmolLM2 (docs/accuracy.md)."""
     from tqdm import tqdm
 
     from pdmix.runtime.llm import LLM

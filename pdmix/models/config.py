@@ -50,8 +50,8 @@ class ModelConfig:
 
 def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
     """cfg as run with activations in `dtype` (pdmix.params.DTYPES): "auto" keeps the stored dtype; "float32"
-    widens every float weight exactly and computes in fp32, the quantized linears' arithmetic unchanged
-    (int8 codes, scales and exact int32 accumulation; only the epilogue's rounding to the model dtype goes)."""
+    widens every float weight exactly and computes in fp32, SPEC §5's arithmetic otherwise unchanged (the
+    checkpoint's int8 weights and scales, exact int32 accumulation; the epilogue no longer rounds to bf16)."""
     return cfg if dtype == "auto" else replace(cfg, dtype=torch.float32)
 
 

@@ -54,7 +54,7 @@ def float_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     GEMMs of always FP32_ROWS rows (zero-padded), whose kernel choice then no longer follows the row count."""
     if cpu_float.usable(x, weight):
         return cpu_float.linear(x, weight, bias)
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     pad = -x2.shape[0] % FP32_ROWS

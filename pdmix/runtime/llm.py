@@ -41,6 +41,9 @@ class RequestOutput:
 class LLM:
     """A checkpoint (W8A8_MIX or float Hugging Face folder) ready to generate.
 
+    dtype: "auto" computes in the checkpoint's dtype (bf16: MindIE's and vLLM's arithmetic, the tests'
+    reference); "float32" widens the float weights and computes every activation in fp32 (pdmix.params.DTYPES).
+
     Under torchrun (WORLD_SIZE > 1) every rank builds its shard; all ranks must call generate
     with the same prompts, and all return the same outputs.
     """

@@ -72,7 +72,8 @@ def main() -> int:
     ap.add_argument("--rollback_scores", nargs="+", default=["ratio"], help="rollback ranking: ratio, error")
     ap.add_argument("--static_tokens", nargs="+", default=["all"], help="static-range tokens: all, decode")
     ap.add_argument("--rotations", nargs="+", default=["none"], help="rotation before quantizing: none, quarot")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float32"),
+    from pdmix.params import DTYPES
+    ap.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="activations of both models in eval (pdmix eval --dtype): auto = bf16, as run and serve")
     ap.add_argument("--agreement", nargs="*", default=[], help="recipe names to measure greedy agreement for")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "accuracy.md"))
@@ -82,6 +83,7 @@ def main() -> int:
 
     from pdmix.evaluate import evaluate
     from pdmix.fetch import fetch_model
+    from pdmix.models.config import load_config, with_dtype
     from pdmix.quant.config import QuantConfig
     from pdmix.quant.pipeline import quantize
 
@@ -96,7 +98,8 @@ def main() -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     common = dict(data=args.data, ctx=args.ctx, max_windows=args.windows, data_range=(0.25, 1.0), quiet=True,
                   dtype=args.dtype)
-    want = "float32" if args.dtype == "float32" else "bfloat16"  # SmolLM2's own; other dtypes' results are redone
+    # results measured in another dtype (older ones, without the field, were bf16) are measured again
+    want = str(with_dtype(load_config(model), args.dtype).dtype).removeprefix("torch.")
     results = {n: r for n, r in results.items() if r.get("dtype", "bfloat16") == want}
 
     if "float" not in results:
@@ -149,8 +152,8 @@ def write_doc(results: dict, args, doc: Path, model: Path) -> None:
     lines = [
         "# Accuracy: W8A8 PD-mix on SmolLM2-135M-Instruct",
         "",
-        f"Made by `python scripts/accuracy_table.py --windows {args.windows}` "
-        f"{'' if f.get('dtype', 'bfloat16') == 'bfloat16' else '--dtype float32 '}"
+        f"Made by `python scripts/accuracy_table.py --windows {args.windows}"
+        f"{'' if f.get('dtype', 'bfloat16') == 'bfloat16' else ' --dtype float32'}` "
         f"({platform.machine()}, {os.cpu_count()} cores, CPU, torch, {f.get('dtype', 'bfloat16')} activations).",
         f"Model: SmolLM2-135M-Instruct (`pdmix fetch smollm2`). Data: WikiText-2 valid (`{Path(args.data).name}`): "
         f"calibration = {args.calib_samples} prompts of {args.calib_tokens} tokens evenly spaced over the first "

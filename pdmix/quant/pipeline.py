@@ -289,11 +289,10 @@ def calibrate_layer(cfg, i: int, t: dict, cal: Calibration, config: QuantConfig,
 def quantize_pass(cfg, st, cal: Calibration, config: QuantConfig, float_linears: set[str], spill: Path | None,
                   writer: CheckpointWriter, log: Log) -> None:
     from safetensors.torch import load_file
+    own_biases = {n for n in st.names() if n.endswith(".bias")}  # the source's, not smoothing's
     with log.bar(cfg.num_layers, "quantize") as bar:
         for i in range(cfg.num_layers):
             t = load_file(str(spill / f"layer{i:05d}.safetensors")) if spill else load_layer(st, i)
-            prefix = f"model.layers.{i}."
-            own_biases = {n for n in st.names() if n.startswith(prefix) and n.endswith(".bias")}  # not smoothing's
             static = {linear_prefix(i, n): g for g in static_groups(cfg) for n in g
                       if linear_prefix(i, n) not in float_linears}
             dynamic = {}
